@@ -1,1 +1,23 @@
-//! engine
+//! The Sluice engine: flow files in, running topology out.
+//!
+//! `config` reads and validates flow files against component specs; `build` turns a validated
+//! definition into flows (`flow`), sources and sinks; `runtime` runs them; `testing` runs the
+//! `tests:` blocks of flow files; `docs` renders the reference docs and JSON Schema from specs.
+//! `expr` holds the expression languages (jq, templates), `processors` the built-in steps and
+//! `channel` the in-memory channels that link flows.
+
+pub mod build;
+pub mod channel;
+pub mod config;
+pub mod docs;
+pub mod expr;
+pub mod flow;
+pub mod processors;
+pub mod runtime;
+pub mod testing;
+
+/// Registers everything the engine itself provides: processors and channels.
+pub fn register_all(registry: &mut sluice_core::Registry) {
+    processors::register_all(registry);
+    channel::register(registry);
+}

@@ -1,0 +1,189 @@
+//! In-memory channels that link flows: `to: [{channel: orders}]` in one flow, `from: {channel:
+//! orders}` in another (EIP Point-to-Point Channel).
+//!
+//! The message crossing a channel keeps its acknowledgement shares, so the first flow's source is
+//! acknowledged only when the second flow has finished with the message. A channel is bounded: a
+//! full channel makes the writing flow wait (backpressure), it never drops. Messages still queued
+//! at shutdown are nacked to their sources. Durable channels come with the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
+use sluice_core::{
+    BuildContext, BuildError, ErrorKind, Message, ProcessError, Registry, Sink, Source, SourceContext, SourceError,
+};
+use tokio::sync::{mpsc, Semaphore};
+
+/// The component name, as a source and as a sink.
+pub const NAME: &str = "channel";
+const DEFAULT_CAPACITY: usize = 1024;
+
+/// The channel name in a validated `channel` configuration.
+pub fn channel_name(config: &Value) -> String {
+    config.get("name").and_then(Value::as_str).unwrap_or_default().to_owned()
+}
+
+/// Registers the channel source and sink.
+pub fn register(registry: &mut Registry) {
+    registry.source(source_spec(), build_source);
+    registry.sink(sink_spec(), build_sink);
+}
+
+fn name_field() -> FieldSpec {
+    FieldSpec::new("name", FieldType::String, "the channel's name; one flow writes to it, one flow reads from it").required()
+}
+
+fn source_spec() -> ComponentSpec {
+    ComponentSpec::new(NAME, ComponentKind::Source, "Receive messages that another flow sends to a named in-memory channel")
+        .description(
+            "Point-to-point channel between two flows in one process. Delivery: at-least-once for \
+             the upstream source: a message is acknowledged upstream only after this flow has finished \
+             with it. In memory only: a message in a channel when the process dies is redelivered by \
+             the upstream source if that source can (a broker), and lost if it cannot (an HTTP \
+             InOnly request). Messages are processed in order when `concurrency` is 1.",
+        )
+        .field(name_field())
+        .field(FieldSpec::new("capacity", FieldType::Integer { min: Some(1), max: Some(1_000_000) }, "messages the channel holds before writers wait").default_value(DEFAULT_CAPACITY as i64))
+        .field(FieldSpec::new("concurrency", FieldType::Integer { min: Some(1), max: Some(10_000) }, "messages this flow processes at once; 1 keeps channel order").default_value(1))
+        .shorthand("name")
+        .example("Read the `orders` channel", "orders")
+        .example("Process up to 8 messages at once", "name: orders\nconcurrency: 8")
+}
+
+fn sink_spec() -> ComponentSpec {
+    ComponentSpec::new(NAME, ComponentKind::Sink, "Send messages to the flow that reads a named in-memory channel")
+        .description(
+            "Hands the message, with its acknowledgement, to the flow reading the channel. Waits \
+             while the channel is full (backpressure). Fails with `unavailable` when the reading flow \
+             has stopped.",
+        )
+        .field(name_field())
+        .shorthand("name")
+        .example("Send to the `orders` channel", "orders")
+}
+
+type Queue = (mpsc::Sender<Message>, Option<mpsc::Receiver<Message>>);
+
+/// Every channel of the process, created on first use by either end.
+#[derive(Default)]
+pub struct Channels {
+    queues: Mutex<HashMap<String, Queue>>,
+    capacities: Mutex<HashMap<String, usize>>,
+}
+
+impl Channels {
+    /// Fixes a channel's capacity before either end opens it (the reading side's setting wins).
+    fn set_capacity(&self, name: &str, capacity: usize) {
+        if let Ok(mut caps) = self.capacities.lock() {
+            caps.insert(name.to_owned(), capacity);
+        }
+    }
+
+    fn with_queue<T>(&self, name: &str, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
+        let capacity = self.capacities.lock().ok()?.get(name).copied().unwrap_or(DEFAULT_CAPACITY);
+        let mut queues = self.queues.lock().ok()?;
+        let queue = queues.entry(name.to_owned()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(capacity);
+            (tx, Some(rx))
+        });
+        Some(f(queue))
+    }
+
+    fn sender(&self, name: &str) -> Option<mpsc::Sender<Message>> {
+        self.with_queue(name, |q| q.0.clone())
+    }
+
+    fn take_receiver(&self, name: &str) -> Option<mpsc::Receiver<Message>> {
+        self.with_queue(name, |q| q.1.take()).flatten()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceConfig {
+    name: String,
+    capacity: usize,
+    concurrency: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinkConfig {
+    name: String,
+}
+
+fn build_source(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
+    let config: SourceConfig = serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
+    ctx.resources.get_or_default::<Channels>().set_capacity(&config.name, config.capacity);
+    Ok(Box::new(ChannelSource { name: config.name, concurrency: config.concurrency }))
+}
+
+fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
+    let config: SinkConfig = serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
+    Ok(Arc::new(ChannelSink { name: config.name, channels: ctx.resources.get_or_default::<Channels>() }))
+}
+
+struct ChannelSink {
+    name: String,
+    channels: Arc<Channels>,
+}
+
+#[async_trait]
+impl Sink for ChannelSink {
+    async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
+        let unavailable = || ProcessError::new(ErrorKind::Unavailable, format!("channel `{}` has no running reader", self.name));
+        let sender = self.channels.sender(&self.name).ok_or_else(unavailable)?;
+        // The copy carries a new share of the acknowledgement: this sink's own share is resolved
+        // by the engine when we return, the copy's when the reading flow is done with it.
+        sender.send(msg.clone()).await.map_err(|_| unavailable())
+    }
+}
+
+struct ChannelSource {
+    name: String,
+    concurrency: usize,
+}
+
+#[async_trait]
+impl Source for ChannelSource {
+    async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError> {
+        let channels = ctx.resources.get_or_default::<Channels>();
+        let mut rx = channels
+            .take_receiver(&self.name)
+            .ok_or_else(|| SourceError::Other(format!("channel `{}` already has a reader", self.name)))?;
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        loop {
+            let permit = tokio::select! {
+                () = ctx.shutdown.cancelled() => break,
+                permit = Arc::clone(&permits).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let msg = tokio::select! {
+                () = ctx.shutdown.cancelled() => break,
+                msg = rx.recv() => match msg {
+                    Some(m) => m,
+                    None => break,
+                },
+            };
+            let dispatcher = Arc::clone(&ctx.dispatcher);
+            tokio::spawn(async move {
+                // The flow resolves the message's shares, on success and on failure alike.
+                let _ = dispatcher.dispatch(msg).await;
+                drop(permit);
+            });
+        }
+        // Wait for in-flight messages; what is still queued is dropped and so nacked upstream.
+        let _ = permits.acquire_many(u32::try_from(self.concurrency).unwrap_or(u32::MAX)).await;
+        rx.close();
+        while let Ok(msg) = rx.try_recv() {
+            msg.nack("runtime shut down before the message was processed");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,255 @@
+//! Checks a component's configuration node against its spec: unknown fields (with suggestions),
+//! types, bounds, required fields; fills defaults; hands expressions and nested steps to a
+//! [`Checker`]. Every problem is reported; checking goes on after the first.
+
+use serde_json::Value as Json;
+use sluice_core::spec::{ComponentSpec, FieldSpec, FieldType};
+
+use super::diag::{suggest, Reporter};
+use super::node::{Node, Value};
+
+/// Checks what the spec alone cannot: expressions compile, nested steps are valid.
+pub trait Checker {
+    /// Compiles a jq expression; reports at `node` if it does not compile.
+    fn check_jq(&self, code: &str, node: &Node, path: &str, report: &mut Reporter);
+    /// Compiles a template; reports at `node` if it does not compile.
+    fn check_template(&self, source: &str, node: &Node, path: &str, report: &mut Reporter);
+    /// Validates a nested list of steps.
+    fn check_steps(&self, node: &Node, path: &str, report: &mut Reporter);
+}
+
+/// Validates `node` (the value under the component's key) against `spec`. Returns the
+/// configuration as JSON with defaults filled, or `None` if any problem was found.
+pub fn component(
+    spec: &ComponentSpec,
+    node: &Node,
+    path: &str,
+    checker: &dyn Checker,
+    report: &mut Reporter,
+) -> Option<Json> {
+    let before = report.count();
+    // `filter: '.ok'` is shorthand for `filter: {condition: '.ok'}`.
+    let expanded;
+    let node = match (&node.value, spec.shorthand) {
+        (Value::Map(_), _) => node,
+        (Value::Null, _) => {
+            expanded = Node { value: Value::Map(Vec::new()), ..node.clone() };
+            &expanded
+        }
+        (_, Some(field)) => {
+            expanded = Node {
+                value: Value::Map(vec![(
+                    super::node::Key { name: field.to_owned(), loc: node.loc },
+                    node.clone(),
+                )]),
+                ..node.clone()
+            };
+            &expanded
+        }
+        (_, None) => {
+            report.error(
+                node.loc,
+                path,
+                format!("`{}` takes a map of fields, found {}", spec.name, node.shape()),
+                Some(field_list(&spec.fields)),
+            );
+            return None;
+        }
+    };
+    let out = object(&spec.fields, node, path, spec.name, checker, report);
+    (report.count() == before).then_some(out)
+}
+
+fn field_list(fields: &[FieldSpec]) -> String {
+    if fields.is_empty() {
+        return "this component takes no fields".to_owned();
+    }
+    format!(
+        "fields: {}",
+        fields.iter().map(|f| f.name).collect::<Vec<_>>().join(", ")
+    )
+}
+
+pub(crate) fn object(
+    fields: &[FieldSpec],
+    node: &Node,
+    path: &str,
+    owner: &str,
+    checker: &dyn Checker,
+    report: &mut Reporter,
+) -> Json {
+    let mut out = serde_json::Map::new();
+    let Value::Map(entries) = &node.value else {
+        report.error(node.loc, path, format!("expected a map, found {}", node.shape()), None);
+        return Json::Object(out);
+    };
+    for (key, value) in entries {
+        let child = format!("{path}.{}", key.name);
+        match fields.iter().find(|f| f.name == key.name) {
+            Some(field) => {
+                if let Some(v) = typed(&field.ty, value, &child, field.secret, checker, report) {
+                    out.insert(key.name.clone(), v);
+                }
+            }
+            None => {
+                let help = suggest(&key.name, fields.iter().map(|f| f.name))
+                    .map(|s| format!("{s} ({})", field_list(fields)))
+                    .unwrap_or_else(|| field_list(fields));
+                report.error(key.loc, &child, format!("unknown field `{}` in `{owner}`", key.name), Some(help));
+            }
+        }
+    }
+    for field in fields {
+        if out.contains_key(field.name) {
+            continue;
+        }
+        if field.required {
+            report.error(
+                node.loc,
+                path,
+                format!("missing required field `{}` in `{owner}`", field.name),
+                Some(format!("`{}`: {} ({})", field.name, field.doc, field.ty.describe())),
+            );
+        } else if let Some(default) = &field.default {
+            out.insert(field.name.to_owned(), default.clone());
+        }
+    }
+    Json::Object(out)
+}
+
+fn mismatch(ty: &FieldType, node: &Node, path: &str, secret: bool, report: &mut Reporter) {
+    let found = if secret || node.secret {
+        node.shape().to_owned()
+    } else {
+        match &node.value {
+            Value::Str(s) if s.len() <= 40 => format!("`{s}`"),
+            Value::Int(i) => format!("`{i}`"),
+            Value::Float(f) => format!("`{f}`"),
+            Value::Bool(b) => format!("`{b}`"),
+            _ => node.shape().to_owned(),
+        }
+    };
+    report.error(node.loc, path, format!("expected {}, found {found}", ty.describe()), None);
+}
+
+fn typed(
+    ty: &FieldType,
+    node: &Node,
+    path: &str,
+    secret: bool,
+    checker: &dyn Checker,
+    report: &mut Reporter,
+) -> Option<Json> {
+    let json = match (ty, &node.value) {
+        (FieldType::Any, _) => node.to_json(),
+        (FieldType::String, Value::Str(_)) => node.to_json(),
+        // Numbers and booleans where a string is expected: YAML users write `port: 8080`
+        // meaning text as often as not, so accept the scalar's text.
+        (FieldType::String, Value::Int(i)) => Json::String(i.to_string()),
+        (FieldType::String, Value::Float(f)) => Json::String(f.to_string()),
+        (FieldType::String, Value::Bool(b)) => Json::String(b.to_string()),
+        (FieldType::Integer { min, max }, Value::Int(i)) => {
+            if min.is_some_and(|m| *i < m) || max.is_some_and(|m| *i > m) {
+                mismatch(ty, node, path, secret, report);
+                return None;
+            }
+            Json::from(*i)
+        }
+        (FieldType::Float, Value::Int(i)) => Json::from(*i),
+        (FieldType::Float, Value::Float(_)) => node.to_json(),
+        (FieldType::Bool, Value::Bool(b)) => Json::Bool(*b),
+        (FieldType::Duration, Value::Str(s)) => {
+            if let Err(e) = sluice_core::duration::parse(s) {
+                report.error(node.loc, path, e.to_string(), None);
+                return None;
+            }
+            node.to_json()
+        }
+        (FieldType::ByteSize, Value::Int(i)) if *i >= 0 => node.to_json(),
+        (FieldType::ByteSize, Value::Str(s)) => {
+            if let Err(e) = parse_byte_size(s) {
+                report.error(node.loc, path, e, None);
+                return None;
+            }
+            node.to_json()
+        }
+        (FieldType::Enum(values), Value::Str(s)) => {
+            if !values.contains(&s.as_str()) {
+                let help = suggest(s, values.iter().copied());
+                report.error(node.loc, path, format!("expected {}, found `{s}`", ty.describe()), help);
+                return None;
+            }
+            node.to_json()
+        }
+        (FieldType::Jq, Value::Str(code)) => {
+            checker.check_jq(code, node, path, report);
+            node.to_json()
+        }
+        (FieldType::Template, Value::Str(source)) => {
+            checker.check_template(source, node, path, report);
+            node.to_json()
+        }
+        (FieldType::List(inner), Value::Seq(items)) => Json::Array(
+            items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| typed(inner, item, &format!("{path}[{i}]"), secret, checker, report))
+                .collect(),
+        ),
+        (FieldType::Map(inner), Value::Map(entries)) => Json::Object(
+            entries
+                .iter()
+                .filter_map(|(k, v)| {
+                    typed(inner, v, &format!("{path}.{}", k.name), secret, checker, report)
+                        .map(|v| (k.name.clone(), v))
+                })
+                .collect(),
+        ),
+        (FieldType::Object(fields), Value::Map(_)) => {
+            let owner = path.rsplit('.').next().unwrap_or(path).to_owned();
+            object(fields, node, path, &owner, checker, report)
+        }
+        (FieldType::Steps, Value::Seq(_)) => {
+            checker.check_steps(node, path, report);
+            node.to_json()
+        }
+        (FieldType::OneOf(types), _) => {
+            // Take the first alternative that accepts the node without problems.
+            for alt in types {
+                let mut scratch = Reporter::new(report.file().clone());
+                if let Some(v) = typed(alt, node, path, secret, checker, &mut scratch) {
+                    if scratch.count() == 0 {
+                        return Some(v);
+                    }
+                }
+            }
+            mismatch(ty, node, path, secret, report);
+            return None;
+        }
+        _ => {
+            mismatch(ty, node, path, secret, report);
+            return None;
+        }
+    };
+    Some(json)
+}
+
+/// Parses `1048576`, `512KiB`, `10MiB`, `1GiB`, `64KB`, `1MB` into bytes.
+pub fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let s = text.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let bad = || format!("`{text}` is not a size; write bytes as a number or with a unit, e.g. `512KiB`, `10MiB` (units: B, KB, KiB, MB, MiB, GB, GiB)");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(factor).ok_or_else(bad)
+}

@@ -1,0 +1,109 @@
+//! Runs a built topology: one task per source, a shared shutdown signal, health per flow.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_core::{Dispatch, Resources, SourceContext};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::build::Topology;
+use crate::flow::Flow;
+
+/// Whether a flow's source is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Taking messages.
+    Running,
+    /// Its source stopped with this error; other flows keep running.
+    Failed(String),
+    /// Its source finished (a timer with a count, a shutdown).
+    Stopped,
+}
+
+/// A running set of flows.
+pub struct Runtime {
+    flows: BTreeMap<String, Arc<Flow>>,
+    health: Arc<Mutex<BTreeMap<String, Health>>>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    resources: Arc<Resources>,
+}
+
+impl Runtime {
+    /// Starts every source of `topology`. Must be called inside a tokio runtime.
+    pub fn start(topology: Topology) -> Self {
+        let shutdown = CancellationToken::new();
+        let health = Arc::new(Mutex::new(BTreeMap::new()));
+        let mut tasks = JoinSet::new();
+        for (flow_name, source) in topology.sources {
+            let Some(flow) = topology.flows.get(flow_name.as_ref()) else {
+                continue;
+            };
+            let ctx = SourceContext {
+                flow: Arc::clone(&flow_name),
+                dispatcher: Arc::clone(flow) as Arc<dyn Dispatch>,
+                shutdown: shutdown.child_token(),
+                resources: Arc::clone(&topology.resources),
+            };
+            set(&health, &flow_name, Health::Running);
+            let health = Arc::clone(&health);
+            tasks.spawn(async move {
+                let outcome = source.run(ctx).await;
+                match outcome {
+                    Ok(()) => set(&health, &flow_name, Health::Stopped),
+                    Err(e) => {
+                        tracing::error!(flow = %flow_name, error = %e, "source stopped; the other flows keep running");
+                        set(&health, &flow_name, Health::Failed(e.to_string()));
+                    }
+                }
+            });
+        }
+        tracing::info!(flows = topology.flows.len(), "runtime started");
+        Runtime { flows: topology.flows, health, shutdown, tasks, resources: topology.resources }
+    }
+
+    /// The flow called `name`, to dispatch to directly.
+    pub fn flow(&self, name: &str) -> Option<Arc<Flow>> {
+        self.flows.get(name).cloned()
+    }
+
+    /// Health of every flow's source.
+    pub fn health(&self) -> BTreeMap<String, Health> {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// Resources shared by the components.
+    pub fn resources(&self) -> &Arc<Resources> {
+        &self.resources
+    }
+
+    /// A token cancelled when shutdown begins.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops taking new work, lets in-flight work finish for up to `grace`, then stops the rest.
+    /// Returns how many sources had to be stopped forcibly.
+    pub async fn shutdown(mut self, grace: Duration) -> usize {
+        self.shutdown.cancel();
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_ok() {
+            return 0;
+        }
+        let left = self.tasks.len();
+        tracing::warn!(sources = left, grace_ms = grace.as_millis() as u64, "sources did not stop in time; stopping them");
+        self.tasks.shutdown().await;
+        left
+    }
+}
+
+fn set(health: &Mutex<BTreeMap<String, Health>>, flow: &str, state: Health) {
+    if let Ok(mut h) = health.lock() {
+        h.insert(flow.to_owned(), state);
+    }
+}

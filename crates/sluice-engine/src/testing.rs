@@ -1,0 +1,190 @@
+//! Runs the `tests:` blocks of flow files: the source is replaced by an injected message, targets
+//! by capturing sinks, mocked steps by canned results. No network is used unless a step that is
+//! not mocked uses it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_core::{AckToken, Dispatch, ExchangePattern, Message, Outcome, Registry, Resources};
+
+use crate::build::{build_flow, Captured, TestOverrides};
+use crate::build::mock_body;
+use crate::config::model::{Expectation, Project, TestDef, ERROR_TARGET, REPLY_TARGET};
+use crate::expr;
+
+/// How long one test may run before it fails.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The result of one test.
+#[derive(Debug, Clone)]
+pub struct TestResult {
+    /// The file that holds the test.
+    pub file: String,
+    /// The test's name.
+    pub name: String,
+    /// Why it failed; empty when it passed.
+    pub failures: Vec<String>,
+}
+
+impl TestResult {
+    /// Whether every expectation held.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+impl fmt::Display for TestResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.passed() {
+            write!(f, "PASS {}: {}", self.file, self.name)
+        } else {
+            write!(f, "FAIL {}: {}", self.file, self.name)?;
+            for reason in &self.failures {
+                write!(f, "\n     - {reason}")?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs every test of `project`, in file order.
+pub async fn run_all(project: &Project, registry: &Registry) -> Vec<TestResult> {
+    let mut results = Vec::new();
+    for test in project.tests() {
+        results.push(run_one(project, registry, test).await);
+    }
+    results
+}
+
+/// The closing line: `N passed, N failed`.
+pub fn summary(results: &[TestResult]) -> String {
+    let passed = results.iter().filter(|r| r.passed()).count();
+    format!("{passed} passed, {} failed", results.len() - passed)
+}
+
+async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> TestResult {
+    let mut result = TestResult {
+        file: test.file.as_deref().unwrap_or("").to_owned(),
+        name: test.name.clone(),
+        failures: Vec::new(),
+    };
+    let Some(def) = project.flows().find(|f| f.name == test.flow) else {
+        result.failures.push(format!("no flow named `{}`", test.flow));
+        return result;
+    };
+    let captured = Captured::default();
+    let resources = Arc::new(Resources::default());
+    let overrides = TestOverrides { mocks: Some(&test.mocks), captures: Some(&captured) };
+    let flow = match build_flow(def, registry, &resources, &overrides) {
+        Ok(flow) => flow,
+        Err(problems) => {
+            result.failures.extend(problems.iter().map(ToString::to_string));
+            return result;
+        }
+    };
+    let (token, ack) = AckToken::channel();
+    let mut msg = Message::new(mock_body(&test.input.body))
+        .with_pattern(test.input.pattern.unwrap_or(ExchangePattern::InOut))
+        .with_ack(token);
+    msg.headers.extend(test.input.headers.clone());
+    msg.meta.origin = Some(Arc::from(def.name.as_str()));
+    let outcome = match tokio::time::timeout(TEST_TIMEOUT, flow.dispatch(msg)).await {
+        Ok(outcome) => outcome,
+        Err(_) => {
+            result.failures.push(format!("the flow did not finish within {}s", TEST_TIMEOUT.as_secs()));
+            return result;
+        }
+    };
+    let (replies, error) = match outcome {
+        Ok(replies) => (replies, None),
+        Err(failure) => (Vec::new(), Some(failure.error)),
+    };
+    let expects_error = test.expect.iter().any(|e| e.target == ERROR_TARGET);
+    if let (Some(error), false) = (&error, expects_error) {
+        result.failures.push(format!("the flow failed: {error} (kind `{}`)", error.kind));
+    }
+    for (i, expectation) in test.expect.iter().enumerate() {
+        let label = format!("expect[{i}] ({})", expectation.target);
+        if expectation.target == ERROR_TARGET {
+            check_error(expectation, error.as_ref(), &label, &mut result.failures);
+            continue;
+        }
+        let messages = if expectation.target == REPLY_TARGET { replies.clone() } else { captured.take(&expectation.target) };
+        check_messages(expectation, &messages, &label, &mut result.failures).await;
+    }
+    // The source's acknowledgement: acked on success, nacked on failure; never left hanging.
+    match tokio::time::timeout(Duration::from_secs(5), ack).await {
+        Ok(Ok(Outcome::Ack)) if error.is_some() => result.failures.push("the source was acked although the flow failed".into()),
+        Ok(Ok(Outcome::Nack(reason))) if error.is_none() => result.failures.push(format!("the source was nacked although the flow succeeded: {reason}")),
+        Ok(Ok(_)) => {}
+        _ => result.failures.push("the source's acknowledgement never resolved".into()),
+    }
+    result
+}
+
+fn check_error(e: &Expectation, error: Option<&sluice_core::ProcessError>, label: &str, failures: &mut Vec<String>) {
+    let Some(error) = error else {
+        failures.push(format!("{label}: expected the flow to fail, it succeeded"));
+        return;
+    };
+    if let Some(want) = e.error.as_ref() {
+        if let Some(kind) = want.kind {
+            if kind != error.kind {
+                failures.push(format!("{label}: expected error kind `{kind}`, got `{}` ({error})", error.kind));
+            }
+        }
+        if let Some(text) = &want.contains {
+            if !error.to_string().contains(text.as_str()) {
+                failures.push(format!("{label}: expected the error to contain `{text}`, got `{error}`"));
+            }
+        }
+    }
+}
+
+async fn check_messages(e: &Expectation, messages: &[Message], label: &str, failures: &mut Vec<String>) {
+    if let Some(count) = e.count {
+        if messages.len() != count {
+            failures.push(format!("{label}: expected {count} message(s), got {}", messages.len()));
+        }
+    }
+    let wants_content = e.body.is_some() || !e.headers.is_empty() || e.condition.is_some();
+    if !wants_content {
+        if e.count.is_none() && messages.is_empty() {
+            failures.push(format!("{label}: expected at least one message, got none"));
+        }
+        return;
+    }
+    let Some(msg) = messages.get(e.index) else {
+        failures.push(format!("{label}: expected a message at index {}, got {} message(s)", e.index, messages.len()));
+        return;
+    };
+    if let Some(want) = &e.body {
+        let matches = match want {
+            serde_json::Value::String(text) => msg.body.to_text() == *text || msg.body.json().ok() == Some(want),
+            _ => msg.body.json().ok() == Some(want),
+        };
+        if !matches {
+            failures.push(format!("{label}: body differs\n       expected: {}\n       actual:   {}", want, msg.body.to_text()));
+        }
+    }
+    for (name, value) in &e.headers {
+        match msg.headers.get(name) {
+            Some(actual) if actual == value => {}
+            Some(actual) => failures.push(format!("{label}: header `{name}` is `{actual}`, expected `{value}`")),
+            None => failures.push(format!("{label}: header `{name}` is missing (expected `{value}`)")),
+        }
+    }
+    if let Some(condition) = &e.condition {
+        let verdict = match (expr::jq::compile(condition, expr::jq::JqLimits::default()), msg.body.json_shared()) {
+            (Ok(program), Ok(body)) => program.test(body, msg).await.map_err(|e| e.to_string()),
+            (Err(e), _) => Err(format!("invalid condition: {}", e.message)),
+            (_, Err(e)) => Err(e.to_string()),
+        };
+        match verdict {
+            Ok(true) => {}
+            Ok(false) => failures.push(format!("{label}: condition `{condition}` is false for body {}", msg.body.to_text())),
+            Err(reason) => failures.push(format!("{label}: condition `{condition}` failed: {reason}")),
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Shared helpers for behaviour tests: load flows from text, run them, talk HTTP to them.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use sluice_core::Resources;
+use sluice_engine::runtime::Runtime;
+use sluice_engine::{build, config};
+
+/// A free loopback port (bound then released; tests run the listener on it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Writes `yaml` to a flow file in `dir` and returns its path.
+pub fn write_flow(dir: &tempfile::TempDir, name: &str, yaml: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Loads, builds and starts the flows at `paths`, and waits until `port` accepts connections.
+pub async fn start(paths: &[PathBuf], port: Option<u16>) -> Runtime {
+    let registry = sluice::registry();
+    let project = config::load(paths, &registry).unwrap_or_else(|d| panic!("flows do not load:\n{d}"));
+    let topology = build::build(&project, &registry, Arc::new(Resources::default()))
+        .unwrap_or_else(|d| panic!("flows do not build:\n{d}"));
+    let runtime = Runtime::start(topology);
+    if let Some(port) = port {
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return runtime;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("nothing listens on 127.0.0.1:{port}");
+    }
+    runtime
+}
+
+/// A response, read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+}
+
+/// Sends one request with a real HTTP client.
+pub async fn request(method: &str, url: &str, body: impl Into<Bytes>) -> Reply {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(body.into()))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply { status, headers, body }
+}
