@@ -14,9 +14,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    BuildContext, BuildError, ErrorKind, Message, ProcessError, Registry, Sink, Source, SourceContext, SourceError,
+    BuildContext, BuildError, ErrorKind, Message, ProcessError, Registry, Sink, Source,
+    SourceContext, SourceError,
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Semaphore, mpsc};
 
 /// The component name, as a source and as a sink.
 pub const NAME: &str = "channel";
@@ -24,7 +25,11 @@ const DEFAULT_CAPACITY: usize = 1024;
 
 /// The channel name in a validated `channel` configuration.
 pub fn channel_name(config: &Value) -> String {
-    config.get("name").and_then(Value::as_str).unwrap_or_default().to_owned()
+    config
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Registers the channel source and sink.
@@ -34,7 +39,12 @@ pub fn register(registry: &mut Registry) {
 }
 
 fn name_field() -> FieldSpec {
-    FieldSpec::new("name", FieldType::String, "the channel's name; one flow writes to it, one flow reads from it").required()
+    FieldSpec::new(
+        "name",
+        FieldType::String,
+        "the channel's name; one flow writes to it, one flow reads from it",
+    )
+    .required()
 }
 
 fn source_spec() -> ComponentSpec {
@@ -84,7 +94,13 @@ impl Channels {
     }
 
     fn with_queue<T>(&self, name: &str, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
-        let capacity = self.capacities.lock().ok()?.get(name).copied().unwrap_or(DEFAULT_CAPACITY);
+        let capacity = self
+            .capacities
+            .lock()
+            .ok()?
+            .get(name)
+            .copied()
+            .unwrap_or(DEFAULT_CAPACITY);
         let mut queues = self.queues.lock().ok()?;
         let queue = queues.entry(name.to_owned()).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(capacity);
@@ -117,14 +133,24 @@ struct SinkConfig {
 }
 
 fn build_source(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
-    let config: SourceConfig = serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
-    ctx.resources.get_or_default::<Channels>().set_capacity(&config.name, config.capacity);
-    Ok(Box::new(ChannelSource { name: config.name, concurrency: config.concurrency }))
+    let config: SourceConfig =
+        serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
+    ctx.resources
+        .get_or_default::<Channels>()
+        .set_capacity(&config.name, config.capacity);
+    Ok(Box::new(ChannelSource {
+        name: config.name,
+        concurrency: config.concurrency,
+    }))
 }
 
 fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
-    let config: SinkConfig = serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
-    Ok(Arc::new(ChannelSink { name: config.name, channels: ctx.resources.get_or_default::<Channels>() }))
+    let config: SinkConfig =
+        serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
+    Ok(Arc::new(ChannelSink {
+        name: config.name,
+        channels: ctx.resources.get_or_default::<Channels>(),
+    }))
 }
 
 struct ChannelSink {
@@ -135,7 +161,12 @@ struct ChannelSink {
 #[async_trait]
 impl Sink for ChannelSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
-        let unavailable = || ProcessError::new(ErrorKind::Unavailable, format!("channel `{}` has no running reader", self.name));
+        let unavailable = || {
+            ProcessError::new(
+                ErrorKind::Unavailable,
+                format!("channel `{}` has no running reader", self.name),
+            )
+        };
         let sender = self.channels.sender(&self.name).ok_or_else(unavailable)?;
         // The copy carries a new share of the acknowledgement: this sink's own share is resolved
         // by the engine when we return, the copy's when the reading flow is done with it.
@@ -152,9 +183,9 @@ struct ChannelSource {
 impl Source for ChannelSource {
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError> {
         let channels = ctx.resources.get_or_default::<Channels>();
-        let mut rx = channels
-            .take_receiver(&self.name)
-            .ok_or_else(|| SourceError::Other(format!("channel `{}` already has a reader", self.name)))?;
+        let mut rx = channels.take_receiver(&self.name).ok_or_else(|| {
+            SourceError::Other(format!("channel `{}` already has a reader", self.name))
+        })?;
         let permits = Arc::new(Semaphore::new(self.concurrency));
         loop {
             let permit = tokio::select! {
@@ -179,7 +210,9 @@ impl Source for ChannelSource {
             });
         }
         // Wait for in-flight messages; what is still queued is dropped and so nacked upstream.
-        let _ = permits.acquire_many(u32::try_from(self.concurrency).unwrap_or(u32::MAX)).await;
+        let _ = permits
+            .acquire_many(u32::try_from(self.concurrency).unwrap_or(u32::MAX))
+            .await;
         rx.close();
         while let Ok(msg) = rx.try_recv() {
             msg.nack("runtime shut down before the message was processed");

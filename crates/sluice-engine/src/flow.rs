@@ -71,7 +71,11 @@ pub struct Flow {
 impl Flow {
     /// A flow named `name`.
     pub fn new(name: Arc<str>, pipeline: Pipeline, targets: Vec<Target>) -> Self {
-        Flow { name, pipeline, targets }
+        Flow {
+            name,
+            pipeline,
+            targets,
+        }
     }
 
     /// The flow's name.

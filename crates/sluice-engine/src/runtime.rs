@@ -61,7 +61,13 @@ impl Runtime {
             });
         }
         tracing::info!(flows = topology.flows.len(), "runtime started");
-        Runtime { flows: topology.flows, health, shutdown, tasks, resources: topology.resources }
+        Runtime {
+            flows: topology.flows,
+            health,
+            shutdown,
+            tasks,
+            resources: topology.resources,
+        }
     }
 
     /// The flow called `name`, to dispatch to directly.
@@ -96,7 +102,11 @@ impl Runtime {
             return 0;
         }
         let left = self.tasks.len();
-        tracing::warn!(sources = left, grace_ms = grace.as_millis() as u64, "sources did not stop in time; stopping them");
+        tracing::warn!(
+            sources = left,
+            grace_ms = grace.as_millis() as u64,
+            "sources did not stop in time; stopping them"
+        );
         self.tasks.shutdown().await;
         left
     }

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use sluice_core::{AckToken, Dispatch, ExchangePattern, Message, Outcome, Registry, Resources};
 
-use crate::build::{build_flow, Captured, TestOverrides};
 use crate::build::mock_body;
-use crate::config::model::{Expectation, Project, TestDef, ERROR_TARGET, REPLY_TARGET};
+use crate::build::{Captured, TestOverrides, build_flow};
+use crate::config::model::{ERROR_TARGET, Expectation, Project, REPLY_TARGET, TestDef};
 use crate::expr;
 
 /// How long one test may run before it fails.
@@ -70,16 +70,23 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
         failures: Vec::new(),
     };
     let Some(def) = project.flows().find(|f| f.name == test.flow) else {
-        result.failures.push(format!("no flow named `{}`", test.flow));
+        result
+            .failures
+            .push(format!("no flow named `{}`", test.flow));
         return result;
     };
     let captured = Captured::default();
     let resources = Arc::new(Resources::default());
-    let overrides = TestOverrides { mocks: Some(&test.mocks), captures: Some(&captured) };
+    let overrides = TestOverrides {
+        mocks: Some(&test.mocks),
+        captures: Some(&captured),
+    };
     let flow = match build_flow(def, registry, &resources, &overrides) {
         Ok(flow) => flow,
         Err(problems) => {
-            result.failures.extend(problems.iter().map(ToString::to_string));
+            result
+                .failures
+                .extend(problems.iter().map(ToString::to_string));
             return result;
         }
     };
@@ -92,7 +99,10 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
     let outcome = match tokio::time::timeout(TEST_TIMEOUT, flow.dispatch(msg)).await {
         Ok(outcome) => outcome,
         Err(_) => {
-            result.failures.push(format!("the flow did not finish within {}s", TEST_TIMEOUT.as_secs()));
+            result.failures.push(format!(
+                "the flow did not finish within {}s",
+                TEST_TIMEOUT.as_secs()
+            ));
             return result;
         }
     };
@@ -102,7 +112,9 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
     };
     let expects_error = test.expect.iter().any(|e| e.target == ERROR_TARGET);
     if let (Some(error), false) = (&error, expects_error) {
-        result.failures.push(format!("the flow failed: {error} (kind `{}`)", error.kind));
+        result
+            .failures
+            .push(format!("the flow failed: {error} (kind `{}`)", error.kind));
     }
     for (i, expectation) in test.expect.iter().enumerate() {
         let label = format!("expect[{i}] ({})", expectation.target);
@@ -110,20 +122,35 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
             check_error(expectation, error.as_ref(), &label, &mut result.failures);
             continue;
         }
-        let messages = if expectation.target == REPLY_TARGET { replies.clone() } else { captured.take(&expectation.target) };
+        let messages = if expectation.target == REPLY_TARGET {
+            replies.clone()
+        } else {
+            captured.take(&expectation.target)
+        };
         check_messages(expectation, &messages, &label, &mut result.failures).await;
     }
     // The source's acknowledgement: acked on success, nacked on failure; never left hanging.
     match tokio::time::timeout(Duration::from_secs(5), ack).await {
-        Ok(Ok(Outcome::Ack)) if error.is_some() => result.failures.push("the source was acked although the flow failed".into()),
-        Ok(Ok(Outcome::Nack(reason))) if error.is_none() => result.failures.push(format!("the source was nacked although the flow succeeded: {reason}")),
+        Ok(Ok(Outcome::Ack)) if error.is_some() => result
+            .failures
+            .push("the source was acked although the flow failed".into()),
+        Ok(Ok(Outcome::Nack(reason))) if error.is_none() => result.failures.push(format!(
+            "the source was nacked although the flow succeeded: {reason}"
+        )),
         Ok(Ok(_)) => {}
-        _ => result.failures.push("the source's acknowledgement never resolved".into()),
+        _ => result
+            .failures
+            .push("the source's acknowledgement never resolved".into()),
     }
     result
 }
 
-fn check_error(e: &Expectation, error: Option<&sluice_core::ProcessError>, label: &str, failures: &mut Vec<String>) {
+fn check_error(
+    e: &Expectation,
+    error: Option<&sluice_core::ProcessError>,
+    label: &str,
+    failures: &mut Vec<String>,
+) {
     let Some(error) = error else {
         failures.push(format!("{label}: expected the flow to fail, it succeeded"));
         return;
@@ -131,21 +158,53 @@ fn check_error(e: &Expectation, error: Option<&sluice_core::ProcessError>, label
     if let Some(want) = e.error.as_ref() {
         if let Some(kind) = want.kind {
             if kind != error.kind {
-                failures.push(format!("{label}: expected error kind `{kind}`, got `{}` ({error})", error.kind));
+                failures.push(format!(
+                    "{label}: expected error kind `{kind}`, got `{}` ({error})",
+                    error.kind
+                ));
             }
         }
         if let Some(text) = &want.contains {
             if !error.to_string().contains(text.as_str()) {
-                failures.push(format!("{label}: expected the error to contain `{text}`, got `{error}`"));
+                failures.push(format!(
+                    "{label}: expected the error to contain `{text}`, got `{error}`"
+                ));
             }
         }
     }
 }
 
-async fn check_messages(e: &Expectation, messages: &[Message], label: &str, failures: &mut Vec<String>) {
+/// JSON equality where numbers compare by value: `8` equals `8.0`, as in JSON itself (jq
+/// arithmetic yields floats; a test author writes integers).
+pub fn json_eq(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value::{Array, Number, Object};
+    match (a, b) {
+        (Number(x), Number(y)) => match (x.as_i64(), y.as_i64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => x.as_f64() == y.as_f64(),
+        },
+        (Array(x), Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_eq(x, y)),
+        (Object(x), Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| json_eq(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
+async fn check_messages(
+    e: &Expectation,
+    messages: &[Message],
+    label: &str,
+    failures: &mut Vec<String>,
+) {
     if let Some(count) = e.count {
         if messages.len() != count {
-            failures.push(format!("{label}: expected {count} message(s), got {}", messages.len()));
+            failures.push(format!(
+                "{label}: expected {count} message(s), got {}",
+                messages.len()
+            ));
         }
     }
     let wants_content = e.body.is_some() || !e.headers.is_empty() || e.condition.is_some();
@@ -156,35 +215,71 @@ async fn check_messages(e: &Expectation, messages: &[Message], label: &str, fail
         return;
     }
     let Some(msg) = messages.get(e.index) else {
-        failures.push(format!("{label}: expected a message at index {}, got {} message(s)", e.index, messages.len()));
+        failures.push(format!(
+            "{label}: expected a message at index {}, got {} message(s)",
+            e.index,
+            messages.len()
+        ));
         return;
     };
     if let Some(want) = &e.body {
         let matches = match want {
-            serde_json::Value::String(text) => msg.body.to_text() == *text || msg.body.json().ok() == Some(want),
-            _ => msg.body.json().ok() == Some(want),
+            serde_json::Value::String(text) => {
+                msg.body.to_text() == *text || msg.body.json().is_ok_and(|b| json_eq(b, want))
+            }
+            _ => msg.body.json().is_ok_and(|b| json_eq(b, want)),
         };
         if !matches {
-            failures.push(format!("{label}: body differs\n       expected: {}\n       actual:   {}", want, msg.body.to_text()));
+            failures.push(format!(
+                "{label}: body differs\n       expected: {}\n       actual:   {}",
+                want,
+                msg.body.to_text()
+            ));
         }
     }
     for (name, value) in &e.headers {
         match msg.headers.get(name) {
             Some(actual) if actual == value => {}
-            Some(actual) => failures.push(format!("{label}: header `{name}` is `{actual}`, expected `{value}`")),
-            None => failures.push(format!("{label}: header `{name}` is missing (expected `{value}`)")),
+            Some(actual) => failures.push(format!(
+                "{label}: header `{name}` is `{actual}`, expected `{value}`"
+            )),
+            None => failures.push(format!(
+                "{label}: header `{name}` is missing (expected `{value}`)"
+            )),
         }
     }
     if let Some(condition) = &e.condition {
-        let verdict = match (expr::jq::compile(condition, expr::jq::JqLimits::default()), msg.body.json_shared()) {
+        let verdict = match (
+            expr::jq::compile(condition, expr::jq::JqLimits::default()),
+            msg.body.json_shared(),
+        ) {
             (Ok(program), Ok(body)) => program.test(body, msg).await.map_err(|e| e.to_string()),
             (Err(e), _) => Err(format!("invalid condition: {}", e.message)),
             (_, Err(e)) => Err(e.to_string()),
         };
         match verdict {
             Ok(true) => {}
-            Ok(false) => failures.push(format!("{label}: condition `{condition}` is false for body {}", msg.body.to_text())),
-            Err(reason) => failures.push(format!("{label}: condition `{condition}` failed: {reason}")),
+            Ok(false) => failures.push(format!(
+                "{label}: condition `{condition}` is false for body {}",
+                msg.body.to_text()
+            )),
+            Err(reason) => {
+                failures.push(format!("{label}: condition `{condition}` failed: {reason}"))
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::json_eq;
+    use serde_json::json;
+
+    #[test]
+    fn numbers_compare_by_value() {
+        assert!(json_eq(&json!({"a": [8.0]}), &json!({"a": [8]})));
+        assert!(!json_eq(&json!({"a": 8.5}), &json!({"a": 8})));
+        assert!(!json_eq(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+        assert!(!json_eq(&json!("8"), &json!(8)));
     }
 }

@@ -11,7 +11,11 @@ use sluice_core::Resources;
 use sluice_engine::{build, config, docs, runtime::Runtime, testing};
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Run integration flows declared in YAML")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Run integration flows declared in YAML"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -72,7 +76,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Flow tests provoke failures on purpose; their warnings would drown the PASS/FAIL lines.
+    let default_level = match cli.command {
+        Command::Test { .. } => "error",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
     let result = match cli.command {
         Command::Run { paths, grace } => run(&paths, grace),
         Command::Validate { paths } => validate(&paths),
@@ -89,10 +98,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -100,7 +111,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn load(paths: &[PathBuf]) -> Result<config::Project, ExitCode> {
@@ -128,9 +142,16 @@ fn run(paths: &[PathBuf], grace: Duration) -> anyhow::Result<ExitCode> {
         };
         let runtime = Runtime::start(topology);
         wait_for_signal().await?;
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down; finishing in-flight work");
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down; finishing in-flight work"
+        );
         let forced = runtime.shutdown(grace).await;
-        Ok(if forced == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(if forced == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     })
 }
 
@@ -153,12 +174,17 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     // Building runs every factory, so semantic errors (a bad cron, a bad URL) surface too; nothing
     // is started. Factories may touch the async runtime, so give them one.
     let rt = tokio_runtime()?;
-    let built = rt.block_on(async { build::build(&project, &registry, Arc::new(Resources::default())).map(|_| ()) });
+    let built = rt.block_on(async {
+        build::build(&project, &registry, Arc::new(Resources::default())).map(|_| ())
+    });
     match built {
         Ok(()) => {
             let flows = project.flows().count();
             let tests = project.tests().count();
-            println!("ok: {flows} flow(s) and {tests} test(s) in {} file(s)", project.files.len());
+            println!(
+                "ok: {flows} flow(s) and {tests} test(s) in {} file(s)",
+                project.files.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(diagnostics) => {
@@ -180,13 +206,18 @@ fn test(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
         println!("{result}");
     }
     println!("{}", testing::summary(&results));
-    Ok(if results.iter().all(testing::TestResult::passed) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if results.iter().all(testing::TestResult::passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn schema(out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let text = serde_json::to_string_pretty(&docs::schema(&sluice::registry()))? + "\n";
     match out {
-        Some(path) => std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?,
+        Some(path) => std::fs::write(&path, text)
+            .with_context(|| format!("cannot write {}", path.display()))?,
         None => print!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
@@ -204,7 +235,8 @@ fn write_docs(out: &std::path::Path, check: bool) -> anyhow::Result<ExitCode> {
             continue;
         }
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
@@ -212,7 +244,10 @@ fn write_docs(out: &std::path::Path, check: bool) -> anyhow::Result<ExitCode> {
         for path in &stale {
             eprintln!("stale: {}", path.display());
         }
-        eprintln!("run `sluice docs --out {}` and commit the result", out.display());
+        eprintln!(
+            "run `sluice docs --out {}` and commit the result",
+            out.display()
+        );
         return Ok(ExitCode::FAILURE);
     }
     if !check {

@@ -18,14 +18,23 @@ fn reference_docs_are_up_to_date() {
             stale.push(relative.clone());
         }
     }
-    assert!(stale.is_empty(), "stale reference pages {stale:?}: run `cargo run -p sluice -- docs`");
+    assert!(
+        stale.is_empty(),
+        "stale reference pages {stale:?}: run `cargo run -p sluice -- docs`"
+    );
 }
 
 #[test]
 fn json_schema_is_up_to_date() {
-    let schema = serde_json::to_string_pretty(&sluice_engine::docs::schema(&sluice::registry())).unwrap() + "\n";
-    let committed = std::fs::read_to_string(root().join("docs/flow.schema.json")).unwrap_or_default();
-    assert!(committed == schema, "docs/flow.schema.json is stale: run `cargo run -p sluice -- schema --out docs/flow.schema.json`");
+    let schema = serde_json::to_string_pretty(&sluice_engine::docs::schema(&sluice::registry()))
+        .unwrap()
+        + "\n";
+    let committed =
+        std::fs::read_to_string(root().join("docs/flow.schema.json")).unwrap_or_default();
+    assert!(
+        committed == schema,
+        "docs/flow.schema.json is stale: run `cargo run -p sluice -- schema --out docs/flow.schema.json`"
+    );
 }
 
 #[test]
@@ -34,7 +43,12 @@ fn every_component_has_docs_and_an_example() {
         assert!(!spec.summary.is_empty(), "{} has no summary", spec.name);
         assert!(!spec.examples.is_empty(), "{} has no example", spec.name);
         for field in &spec.fields {
-            assert!(!field.doc.is_empty(), "{}.{} has no doc", spec.name, field.name);
+            assert!(
+                !field.doc.is_empty(),
+                "{}.{} has no doc",
+                spec.name,
+                field.name
+            );
         }
     }
 }
@@ -45,17 +59,47 @@ fn every_spec_example_validates() {
     let registry = sluice::registry();
     for spec in registry.specs() {
         for example in &spec.examples {
-            let entry = format!("{}:\n{}", spec.name, example.yaml.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
+            let entry = format!(
+                "{}:\n{}",
+                spec.name,
+                example
+                    .yaml
+                    .lines()
+                    .map(|l| format!("  {l}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
             let entry = if example.yaml.lines().count() == 1 && !example.yaml.contains(':') {
                 format!("{}: {}", spec.name, example.yaml.trim())
             } else {
                 entry
             };
-            let indented = entry.lines().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n");
+            let indented = entry
+                .lines()
+                .map(|l| format!("      {l}"))
+                .collect::<Vec<_>>()
+                .join("\n");
             let yaml = match spec.kind {
-                ComponentKind::Source => format!("flows:\n  - name: f\n    from:\n{indented}\n", indented = indented.replacen("      ", "      ", 1)),
-                ComponentKind::Processor => format!("flows:\n  - name: f\n    from: {{ timer: {{ interval: 1s }} }}\n    steps:\n      -\n{}\n", indented.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")),
-                ComponentKind::Sink => format!("flows:\n  - name: f\n    from: {{ timer: {{ interval: 1s }} }}\n    to:\n      -\n{}\n", indented.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")),
+                ComponentKind::Source => format!(
+                    "flows:\n  - name: f\n    from:\n{indented}\n",
+                    indented = indented.replacen("      ", "      ", 1)
+                ),
+                ComponentKind::Processor => format!(
+                    "flows:\n  - name: f\n    from: {{ timer: {{ interval: 1s }} }}\n    steps:\n      -\n{}\n",
+                    indented
+                        .lines()
+                        .map(|l| format!("  {l}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
+                ComponentKind::Sink => format!(
+                    "flows:\n  - name: f\n    from: {{ timer: {{ interval: 1s }} }}\n    to:\n      -\n{}\n",
+                    indented
+                        .lines()
+                        .map(|l| format!("  {l}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                ),
             };
             // Channels need both ends.
             let yaml = if spec.name == "channel" {
@@ -67,7 +111,10 @@ fn every_spec_example_validates() {
             let path = dir.path().join("f.yaml");
             std::fs::write(&path, &yaml).unwrap();
             if let Err(d) = sluice_engine::config::load(&[path], &registry) {
-                panic!("example `{}` of `{}` does not validate:\n{yaml}\n{d}", example.title, spec.name);
+                panic!(
+                    "example `{}` of `{}` does not validate:\n{yaml}\n{d}",
+                    example.title, spec.name
+                );
             }
         }
     }

@@ -8,7 +8,11 @@ use serde_json::json;
 use support::{free_port, request, start, write_flow};
 
 fn quickstart_on(port: u16) -> String {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/quickstart.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/quickstart.yaml"
+    ))
+    .unwrap();
     text.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"))
 }
 
@@ -20,7 +24,12 @@ async fn quickstart_prices_an_order() {
     let runtime = start(&[flow], Some(port)).await;
     let url = format!("http://127.0.0.1:{port}/orders");
 
-    let ok = request("POST", &url, r#"{"name":"ada","items":[{"qty":2,"price":3.5}]}"#).await;
+    let ok = request(
+        "POST",
+        &url,
+        r#"{"name":"ada","items":[{"qty":2,"price":3.5}]}"#,
+    )
+    .await;
     assert_eq!(ok.status, 201, "{}", String::from_utf8_lossy(&ok.body));
     assert_eq!(ok.json()["total"], json!(7.0));
     assert_eq!(ok.json()["name"], json!("ADA"));
@@ -28,7 +37,10 @@ async fn quickstart_prices_an_order() {
 
     let empty = request("POST", &url, r#"{"name":"bob","items":[]}"#).await;
     assert_eq!(empty.status, 422);
-    assert_eq!(empty.json()["error"], json!("an order needs at least one item"));
+    assert_eq!(
+        empty.json()["error"],
+        json!("an order needs at least one item")
+    );
 
     runtime.shutdown(Duration::from_secs(5)).await;
 }
@@ -43,10 +55,21 @@ async fn bad_input_gets_a_problem_body_and_the_runtime_keeps_serving() {
 
     let bad = request("POST", &url, "{not json").await;
     assert_eq!(bad.status, 400);
-    assert!(bad.header("content-type").starts_with("application/problem+json"), "{:?}", bad.headers);
+    assert!(
+        bad.header("content-type")
+            .starts_with("application/problem+json"),
+        "{:?}",
+        bad.headers
+    );
     let problem = bad.json();
     assert_eq!(problem["status"], json!(400));
-    assert!(problem["detail"].as_str().unwrap().contains("not valid JSON"), "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"),
+        "{problem}"
+    );
     assert_eq!(problem["step"], json!("check"), "{problem}");
 
     let missing = request("POST", &format!("http://127.0.0.1:{port}/nope"), "{}").await;
@@ -56,7 +79,12 @@ async fn bad_input_gets_a_problem_body_and_the_runtime_keeps_serving() {
     assert_eq!(huge.status, 413);
 
     // The failures above did not take the flow down.
-    let ok = request("POST", &url, r#"{"name":"x","items":[{"qty":1,"price":1}]}"#).await;
+    let ok = request(
+        "POST",
+        &url,
+        r#"{"name":"x","items":[{"qty":1,"price":1}]}"#,
+    )
+    .await;
     assert_eq!(ok.status, 201);
 
     runtime.shutdown(Duration::from_secs(5)).await;
@@ -91,7 +119,12 @@ flows:
     let runtime = start(&[flow], Some(port)).await;
 
     for i in 0..3 {
-        let accepted = request("POST", &format!("http://127.0.0.1:{port}/events"), format!(r#"{{"n":{i}}}"#)).await;
+        let accepted = request(
+            "POST",
+            &format!("http://127.0.0.1:{port}/events"),
+            format!(r#"{{"n":{i}}}"#),
+        )
+        .await;
         assert_eq!(accepted.status, 202);
         assert!(accepted.json()["id"].is_string());
     }
@@ -101,15 +134,29 @@ flows:
 
     let mut lines = Vec::new();
     for _ in 0..200 {
-        lines = std::fs::read_to_string(&out).unwrap_or_default().lines().map(str::to_owned).collect();
+        lines = std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
         if lines.len() == 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut seen: Vec<serde_json::Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let mut seen: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     seen.sort_by_key(|v| v["n"].as_i64());
-    assert_eq!(seen, vec![json!({"n":0,"seen":true}), json!({"n":1,"seen":true}), json!({"n":2,"seen":true})]);
+    assert_eq!(
+        seen,
+        vec![
+            json!({"n":0,"seen":true}),
+            json!({"n":1,"seen":true}),
+            json!({"n":2,"seen":true})
+        ]
+    );
 
     runtime.shutdown(Duration::from_secs(5)).await;
 }

@@ -10,7 +10,8 @@ fn diagnostics(yaml: &str) -> String {
         .err()
         .expect("the file should not validate");
     // Paths differ per run; show the file name only.
-    err.to_string().replace(&dir.path().display().to_string(), "<dir>")
+    err.to_string()
+        .replace(&dir.path().display().to_string(), "<dir>")
 }
 
 #[test]
@@ -88,7 +89,9 @@ fn secrets_are_never_echoed() {
         "flows:\n  - name: a\n    from: { timer: { interval: '${file:secret.txt}' } }\n",
     )
     .unwrap();
-    let err = sluice_engine::config::load(&[path], &sluice::registry()).err().expect("invalid");
+    let err = sluice_engine::config::load(&[path], &sluice::registry())
+        .err()
+        .expect("invalid");
     let text = err.to_string();
     assert!(text.contains("interval"), "{text}");
     assert!(!text.contains("hunter2"), "secret leaked: {text}");
@@ -104,6 +107,8 @@ fn yaml_syntax_errors_name_the_line() {
 #[test]
 fn a_folder_without_flow_files_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let err = sluice_engine::config::load(&[PathBuf::from(dir.path())], &sluice::registry()).err().unwrap();
+    let err = sluice_engine::config::load(&[PathBuf::from(dir.path())], &sluice::registry())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("no `*.yaml`"), "{err}");
 }

@@ -13,7 +13,10 @@ pub struct Captured(Arc<Mutex<BTreeMap<String, Vec<Message>>>>);
 impl Captured {
     /// The messages that reached `target`.
     pub fn take(&self, target: &str) -> Vec<Message> {
-        self.0.lock().map(|mut m| m.remove(target).unwrap_or_default()).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|mut m| m.remove(target).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     fn push(&self, target: &str, msg: Message) {

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use sluice_core::registry::Factory;
 use sluice_core::spec::ComponentKind;
-use sluice_core::{BuildContext, BuildError, Processor, Registry, Resources, Sink, Source, StepBuilder};
+use sluice_core::{
+    BuildContext, BuildError, Processor, Registry, Resources, Sink, Source, StepBuilder,
+};
 
 pub use capture::{CaptureSink, Captured};
 pub use mock::test_body as mock_body;
@@ -39,7 +41,11 @@ pub struct TestOverrides<'a> {
 }
 
 /// Builds every flow and source of `project`.
-pub fn build(project: &Project, registry: &Registry, resources: Arc<Resources>) -> Result<Topology, Diagnostics> {
+pub fn build(
+    project: &Project,
+    registry: &Registry,
+    resources: Arc<Resources>,
+) -> Result<Topology, Diagnostics> {
     let mut flows = BTreeMap::new();
     let mut sources = Vec::new();
     let mut problems = Vec::new();
@@ -57,40 +63,91 @@ pub fn build(project: &Project, registry: &Registry, resources: Arc<Resources>) 
     }
     let mut diagnostics = Diagnostics(problems);
     diagnostics.sort();
-    if diagnostics.is_empty() { Ok(Topology { flows, sources, resources }) } else { Err(diagnostics) }
+    if diagnostics.is_empty() {
+        Ok(Topology {
+            flows,
+            sources,
+            resources,
+        })
+    } else {
+        Err(diagnostics)
+    }
 }
 
 /// Builds the source of `def`.
-pub fn build_source(def: &FlowDef, registry: &Registry, resources: &Arc<Resources>) -> Result<Box<dyn Source>, Diagnostic> {
+pub fn build_source(
+    def: &FlowDef,
+    registry: &Registry,
+    resources: &Arc<Resources>,
+) -> Result<Box<dyn Source>, Diagnostic> {
     let diags = Mutex::new(Vec::new());
-    let ctx = Ctx { registry, def, owner: &def.from, resources, diags: &diags, mocks: None };
-    let Some((_, Factory::Source(factory))) = registry.get(ComponentKind::Source, &def.from.component) else {
+    let ctx = Ctx {
+        registry,
+        def,
+        owner: &def.from,
+        resources,
+        diags: &diags,
+        mocks: None,
+    };
+    let Some((_, Factory::Source(factory))) =
+        registry.get(ComponentKind::Source, &def.from.component)
+    else {
         return Err(ctx.diagnostic(&BuildError::new("component is not registered as a source")));
     };
     factory(&def.from.config, &ctx.build_context()).map_err(|e| ctx.diagnostic(&e))
 }
 
 /// Builds the steps and targets of `def` (not its source).
-pub fn build_flow(def: &FlowDef, registry: &Registry, resources: &Arc<Resources>, overrides: &TestOverrides<'_>) -> Result<Arc<Flow>, Vec<Diagnostic>> {
+pub fn build_flow(
+    def: &FlowDef,
+    registry: &Registry,
+    resources: &Arc<Resources>,
+    overrides: &TestOverrides<'_>,
+) -> Result<Arc<Flow>, Vec<Diagnostic>> {
     let diags = Mutex::new(Vec::new());
-    let pipeline = build_steps(def, &def.steps, registry, resources, &diags, overrides.mocks);
+    let pipeline = build_steps(
+        def,
+        &def.steps,
+        registry,
+        resources,
+        &diags,
+        overrides.mocks,
+    );
     let mut targets = Vec::new();
     for target in &def.to {
-        let ctx = Ctx { registry, def, owner: target, resources, diags: &diags, mocks: overrides.mocks };
-        let sink: Result<Arc<dyn Sink>, BuildError> = match registry.get(ComponentKind::Sink, &target.component) {
-            Some((_, Factory::Sink(factory))) => factory(&target.config, &ctx.build_context()),
-            _ => Err(BuildError::new("component is not registered as a sink")),
+        let ctx = Ctx {
+            registry,
+            def,
+            owner: target,
+            resources,
+            diags: &diags,
+            mocks: overrides.mocks,
         };
+        let sink: Result<Arc<dyn Sink>, BuildError> =
+            match registry.get(ComponentKind::Sink, &target.component) {
+                Some((_, Factory::Sink(factory))) => factory(&target.config, &ctx.build_context()),
+                _ => Err(BuildError::new("component is not registered as a sink")),
+            };
         match (sink, overrides.captures) {
             // Build the real sink even in tests, so its configuration errors still surface.
-            (Ok(_), Some(captured)) => targets.push(Target { id: target.id.clone(), sink: Arc::new(CaptureSink::new(target.id.clone(), captured.clone())) }),
-            (Ok(sink), None) => targets.push(Target { id: target.id.clone(), sink }),
+            (Ok(_), Some(captured)) => targets.push(Target {
+                id: target.id.clone(),
+                sink: Arc::new(CaptureSink::new(target.id.clone(), captured.clone())),
+            }),
+            (Ok(sink), None) => targets.push(Target {
+                id: target.id.clone(),
+                sink,
+            }),
             (Err(e), _) => ctx.report(&e),
         }
     }
     let problems = diags.into_inner().unwrap_or_default();
     if problems.is_empty() {
-        Ok(Arc::new(Flow::new(Arc::from(def.name.as_str()), pipeline, targets)))
+        Ok(Arc::new(Flow::new(
+            Arc::from(def.name.as_str()),
+            pipeline,
+            targets,
+        )))
     } else {
         Err(problems)
     }
@@ -106,18 +163,34 @@ fn build_steps(
 ) -> Pipeline {
     let mut built = Vec::new();
     for step in steps {
-        let ctx = Ctx { registry, def, owner: step, resources, diags, mocks };
-        let processor: Result<Arc<dyn Processor>, BuildError> = match registry.get(ComponentKind::Processor, &step.component) {
+        let ctx = Ctx {
+            registry,
+            def,
+            owner: step,
+            resources,
+            diags,
+            mocks,
+        };
+        let processor: Result<Arc<dyn Processor>, BuildError> = match registry
+            .get(ComponentKind::Processor, &step.component)
+        {
             Some((_, Factory::Processor(factory))) => factory(&step.config, &ctx.build_context()),
-            _ => Err(BuildError::new("component is not registered as a processor")),
+            _ => Err(BuildError::new(
+                "component is not registered as a processor",
+            )),
         };
         match processor {
             Ok(processor) => {
                 let processor = match mocks.and_then(|m| m.get(&step.id)) {
-                    Some(canned) => Arc::new(mock::MockStep::new(canned.clone())) as Arc<dyn Processor>,
+                    Some(canned) => {
+                        Arc::new(mock::MockStep::new(canned.clone())) as Arc<dyn Processor>
+                    }
                     None => processor,
                 };
-                built.push(Step { id: step.id.clone(), processor });
+                built.push(Step {
+                    id: step.id.clone(),
+                    processor,
+                });
             }
             Err(e) => ctx.report(&e),
         }
@@ -140,7 +213,12 @@ const ALREADY_REPORTED: &str = "nested steps are invalid (reported above)";
 
 impl Ctx<'_> {
     fn build_context(&self) -> BuildContext<'_> {
-        BuildContext { flow: &self.def.name, id: &self.owner.id, steps: self, resources: self.resources }
+        BuildContext {
+            flow: &self.def.name,
+            id: &self.owner.id,
+            steps: self,
+            resources: self.resources,
+        }
     }
 
     fn diagnostic(&self, e: &BuildError) -> Diagnostic {
@@ -151,7 +229,13 @@ impl Ctx<'_> {
             },
             None => (self.owner.loc, self.owner.path.clone()),
         };
-        Diagnostic { file: Arc::clone(&self.def.file), loc, path, message: e.message.clone(), help: None }
+        Diagnostic {
+            file: Arc::clone(&self.def.file),
+            loc,
+            path,
+            message: e.message.clone(),
+            help: None,
+        }
     }
 
     fn report(&self, e: &BuildError) {
@@ -166,18 +250,40 @@ impl Ctx<'_> {
 }
 
 impl StepBuilder for Ctx<'_> {
-    fn build_steps(&self, field: &str, _steps: &serde_json::Value) -> Result<Arc<dyn Processor>, BuildError> {
-        let node = self.owner.node.at_path(field).ok_or_else(|| BuildError::field(field, "no steps at this field"))?;
+    fn build_steps(
+        &self,
+        field: &str,
+        _steps: &serde_json::Value,
+    ) -> Result<Arc<dyn Processor>, BuildError> {
+        let node = self
+            .owner
+            .node
+            .at_path(field)
+            .ok_or_else(|| BuildError::field(field, "no steps at this field"))?;
         let path = format!("{}.{field}", self.owner.path);
         let id_prefix = format!("{}.{field}", self.owner.id);
-        let uses = crate::config::load::nested_steps(self.registry, node, &path, &id_prefix, &self.def.file).map_err(|d| {
+        let uses = crate::config::load::nested_steps(
+            self.registry,
+            node,
+            &path,
+            &id_prefix,
+            &self.def.file,
+        )
+        .map_err(|d| {
             if let Ok(mut diags) = self.diags.lock() {
                 diags.extend(d);
             }
             BuildError::new(ALREADY_REPORTED)
         })?;
         let before = self.diags.lock().map(|d| d.len()).unwrap_or(0);
-        let pipeline = build_steps(self.def, &uses, self.registry, self.resources, self.diags, self.mocks);
+        let pipeline = build_steps(
+            self.def,
+            &uses,
+            self.registry,
+            self.resources,
+            self.diags,
+            self.mocks,
+        );
         let after = self.diags.lock().map(|d| d.len()).unwrap_or(0);
         if after > before {
             return Err(BuildError::new(ALREADY_REPORTED));
@@ -185,7 +291,11 @@ impl StepBuilder for Ctx<'_> {
         Ok(Arc::new(pipeline))
     }
 
-    fn compile_jq(&self, field: &str, code: &str) -> Result<Arc<dyn sluice_core::component::JqProgram>, BuildError> {
+    fn compile_jq(
+        &self,
+        field: &str,
+        code: &str,
+    ) -> Result<Arc<dyn sluice_core::component::JqProgram>, BuildError> {
         expr::jq::compile(code, expr::jq::JqLimits::default())
             .map_err(|e| BuildError::field(field, format!("invalid jq expression: {}", e.message)))
     }

@@ -22,7 +22,11 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: error: {}", self.file, self.loc.line, self.loc.column, self.message)?;
+        write!(
+            f,
+            "{}:{}:{}: error: {}",
+            self.file, self.loc.line, self.loc.column, self.message
+        )?;
         if !self.path.is_empty() {
             write!(f, "\n  at: {}", self.path)?;
         }
@@ -79,11 +83,20 @@ pub struct Reporter {
 impl Reporter {
     /// A reporter for `file`.
     pub fn new(file: Arc<str>) -> Self {
-        Reporter { file, found: Vec::new() }
+        Reporter {
+            file,
+            found: Vec::new(),
+        }
     }
 
     /// Records a problem.
-    pub fn error(&mut self, loc: Loc, path: &str, message: impl Into<String>, help: Option<String>) {
+    pub fn error(
+        &mut self,
+        loc: Loc,
+        path: &str,
+        message: impl Into<String>,
+        help: Option<String>,
+    ) {
         self.found.push(Diagnostic {
             file: Arc::clone(&self.file),
             loc,
@@ -126,8 +139,14 @@ mod tests {
     #[test]
     fn suggests_close_names_only() {
         let names = ["recipient_list", "transform", "filter"];
-        assert_eq!(suggest("recipientlist", names).as_deref(), Some("did you mean `recipient_list`?"));
-        assert_eq!(suggest("transfrom", names).as_deref(), Some("did you mean `transform`?"));
+        assert_eq!(
+            suggest("recipientlist", names).as_deref(),
+            Some("did you mean `recipient_list`?")
+        );
+        assert_eq!(
+            suggest("transfrom", names).as_deref(),
+            Some("did you mean `transform`?")
+        );
         assert_eq!(suggest("zzz", names), None);
     }
 }

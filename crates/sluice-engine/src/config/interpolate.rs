@@ -26,18 +26,22 @@ impl Lookup for ProcessEnv {
 
 /// Replaces every `${env:..}`/`${file:..}` in string values below `node`; `base` is the folder
 /// of the flow file (relative `file:` paths start there).
-pub fn interpolate(node: &mut Node, path: &str, base: &Path, lookup: &dyn Lookup, report: &mut Reporter) {
+pub fn interpolate(
+    node: &mut Node,
+    path: &str,
+    base: &Path,
+    lookup: &dyn Lookup,
+    report: &mut Reporter,
+) {
     match &mut node.value {
-        Value::Str(s) if s.contains("${") => {
-            match expand(s, base, lookup) {
-                Ok(Some(expanded)) => {
-                    *s = expanded;
-                    node.secret = true;
-                }
-                Ok(None) => {}
-                Err((message, help)) => report.error(node.loc, path, message, Some(help)),
+        Value::Str(s) if s.contains("${") => match expand(s, base, lookup) {
+            Ok(Some(expanded)) => {
+                *s = expanded;
+                node.secret = true;
             }
-        }
+            Ok(None) => {}
+            Err((message, help)) => report.error(node.loc, path, message, Some(help)),
+        },
         Value::Seq(items) => {
             for (i, item) in items.iter_mut().enumerate() {
                 interpolate(item, &format!("{path}[{i}]"), base, lookup, report);
@@ -45,7 +49,11 @@ pub fn interpolate(node: &mut Node, path: &str, base: &Path, lookup: &dyn Lookup
         }
         Value::Map(entries) => {
             for (key, value) in entries.iter_mut() {
-                let child = if path.is_empty() { key.name.clone() } else { format!("{path}.{}", key.name) };
+                let child = if path.is_empty() {
+                    key.name.clone()
+                } else {
+                    format!("{path}.{}", key.name)
+                };
                 interpolate(value, &child, base, lookup, report);
             }
         }
@@ -54,7 +62,11 @@ pub fn interpolate(node: &mut Node, path: &str, base: &Path, lookup: &dyn Lookup
 }
 
 /// `Ok(None)`: nothing to replace (only escapes, or `${` that is not ours, e.g. in a jq string).
-fn expand(text: &str, base: &Path, lookup: &dyn Lookup) -> Result<Option<String>, (String, String)> {
+fn expand(
+    text: &str,
+    base: &Path,
+    lookup: &dyn Lookup,
+) -> Result<Option<String>, (String, String)> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     let mut replaced = false;
@@ -124,14 +136,20 @@ mod tests {
         let mut report = Reporter::new(Arc::from("f.yaml"));
         let env = Fake(HashMap::from([("TOKEN", "s3cret"), ("PORT", "9000")]));
         interpolate(&mut node, "", dir, &env, &mut report);
-        (node, report.finish().into_iter().map(|d| d.to_string()).collect())
+        (
+            node,
+            report.finish().into_iter().map(|d| d.to_string()).collect(),
+        )
     }
 
     #[test]
     fn env_and_file_values_are_substituted_and_marked_secret() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pw.txt"), "hunter2\n").unwrap();
-        let (node, errors) = run("a: \"Bearer ${env:TOKEN}\"\nb: ${file:pw.txt}\nc: plain\n", dir.path());
+        let (node, errors) = run(
+            "a: \"Bearer ${env:TOKEN}\"\nb: ${file:pw.txt}\nc: plain\n",
+            dir.path(),
+        );
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(node.get("a").unwrap().as_str(), Some("Bearer s3cret"));
         assert!(node.get("a").unwrap().secret);
@@ -142,9 +160,16 @@ mod tests {
     #[test]
     fn missing_values_are_located_errors_that_do_not_leak() {
         let dir = tempfile::tempdir().unwrap();
-        let (_, errors) = run("x:\n  y: ${env:NOPE}\n  z: ${file:missing.txt}\n", dir.path());
+        let (_, errors) = run(
+            "x:\n  y: ${env:NOPE}\n  z: ${file:missing.txt}\n",
+            dir.path(),
+        );
         assert_eq!(errors.len(), 2, "{errors:?}");
-        assert!(errors[0].starts_with("f.yaml:2:6: error: environment variable `NOPE` is not set"), "{}", errors[0]);
+        assert!(
+            errors[0].starts_with("f.yaml:2:6: error: environment variable `NOPE` is not set"),
+            "{}",
+            errors[0]
+        );
         assert!(errors[1].contains("missing.txt"), "{}", errors[1]);
     }
 

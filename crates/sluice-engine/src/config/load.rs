@@ -4,12 +4,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sluice_core::spec::{ComponentKind, FieldSpec, FieldType};
 use sluice_core::Registry;
+use sluice_core::spec::{ComponentKind, FieldSpec, FieldType};
 
-use super::diag::{suggest, Diagnostic, Diagnostics, Reporter};
-use super::interpolate::{interpolate, Lookup, ProcessEnv};
-use super::model::{ComponentUse, FlowDef, FlowFile, Project, TestDef, ERROR_TARGET, REPLY_TARGET};
+use super::diag::{Diagnostic, Diagnostics, Reporter, suggest};
+use super::interpolate::{Lookup, ProcessEnv, interpolate};
+use super::model::{ComponentUse, ERROR_TARGET, FlowDef, FlowFile, Project, REPLY_TARGET, TestDef};
 use super::node::{self, Loc, Node, Value};
 use super::validate::{self, Checker};
 use crate::expr;
@@ -42,11 +42,19 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
                     let mut found: Vec<PathBuf> = entries
                         .filter_map(Result::ok)
                         .map(|e| e.path())
-                        .filter(|p| p.is_file() && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+                        .filter(|p| {
+                            p.is_file()
+                                && matches!(
+                                    p.extension().and_then(|e| e.to_str()),
+                                    Some("yaml" | "yml")
+                                )
+                        })
                         .collect();
                     found.sort();
                     if found.is_empty() {
-                        problems.push(fail("no `*.yaml` or `*.yml` flow files in this folder".into()));
+                        problems.push(fail(
+                            "no `*.yaml` or `*.yml` flow files in this folder".into(),
+                        ));
                     }
                     files.extend(found);
                 }
@@ -58,7 +66,11 @@ pub fn collect_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
             problems.push(fail("no such file or folder".into()));
         }
     }
-    if problems.is_empty() { Ok(files) } else { Err(Diagnostics(problems)) }
+    if problems.is_empty() {
+        Ok(files)
+    } else {
+        Err(Diagnostics(problems))
+    }
 }
 
 /// Loads and validates every flow file under `paths` with the process environment.
@@ -67,7 +79,11 @@ pub fn load(paths: &[PathBuf], registry: &Registry) -> Result<Project, Diagnosti
 }
 
 /// Loads and validates, taking `${env:..}` values from `lookup`.
-pub fn load_with(paths: &[PathBuf], registry: &Registry, lookup: &dyn Lookup) -> Result<Project, Diagnostics> {
+pub fn load_with(
+    paths: &[PathBuf],
+    registry: &Registry,
+    lookup: &dyn Lookup,
+) -> Result<Project, Diagnostics> {
     let files = collect_files(paths)?;
     let mut project = Project::default();
     let mut all = Vec::new();
@@ -83,7 +99,14 @@ pub fn load_with(paths: &[PathBuf], registry: &Registry, lookup: &dyn Lookup) ->
             }
         };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if let Some(file) = load_text(&text, &base, Arc::clone(&name), registry, lookup, &mut report) {
+        if let Some(file) = load_text(
+            &text,
+            &base,
+            Arc::clone(&name),
+            registry,
+            lookup,
+            &mut report,
+        ) {
             project.files.push(file);
         }
         all.extend(report.finish());
@@ -91,16 +114,28 @@ pub fn load_with(paths: &[PathBuf], registry: &Registry, lookup: &dyn Lookup) ->
     check_project(&project, registry, &mut all);
     let mut diagnostics = Diagnostics(all);
     diagnostics.sort();
-    if diagnostics.is_empty() { Ok(project) } else { Err(diagnostics) }
+    if diagnostics.is_empty() {
+        Ok(project)
+    } else {
+        Err(diagnostics)
+    }
 }
 
 fn read_limited(path: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read file: {e}"))?;
     if meta.len() > MAX_FILE_BYTES {
-        return Err(format!("file is {} bytes; flow files are limited to {MAX_FILE_BYTES} bytes", meta.len()));
+        return Err(format!(
+            "file is {} bytes; flow files are limited to {MAX_FILE_BYTES} bytes",
+            meta.len()
+        ));
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read file: {e}"))?;
-    String::from_utf8(bytes).map_err(|e| format!("file is not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "file is not UTF-8 text (byte {})",
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// Loads one file's text (exposed for tests and for `sluice validate -`).
@@ -115,32 +150,67 @@ pub fn load_text(
     let mut root = match node::parse(text) {
         Ok(root) => root,
         Err(e) => {
-            report.error(e.loc.unwrap_or(Loc { line: 1, column: 1 }), "", e.message, Some("fix the YAML syntax first".into()));
+            report.error(
+                e.loc.unwrap_or(Loc { line: 1, column: 1 }),
+                "",
+                e.message,
+                Some("fix the YAML syntax first".into()),
+            );
             return None;
         }
     };
     interpolate(&mut root, "", base, lookup, report);
     let checker = LoadChecker { registry };
     let Value::Map(entries) = &root.value else {
-        report.error(root.loc, "", format!("a flow file is a map with `flows:` (and optionally `tests:`), found {}", root.shape()), None);
+        report.error(
+            root.loc,
+            "",
+            format!(
+                "a flow file is a map with `flows:` (and optionally `tests:`), found {}",
+                root.shape()
+            ),
+            None,
+        );
         return None;
     };
     for (key, _) in entries {
         if !FILE_KEYS.contains(&key.name.as_str()) {
-            report.error(key.loc, &key.name, format!("unknown top-level key `{}`", key.name), Some(hint(&key.name, &FILE_KEYS)));
+            report.error(
+                key.loc,
+                &key.name,
+                format!("unknown top-level key `{}`", key.name),
+                Some(hint(&key.name, &FILE_KEYS)),
+            );
         }
     }
-    let mut out = FlowFile { path: Arc::clone(&file), flows: Vec::new(), tests: Vec::new() };
+    let mut out = FlowFile {
+        path: Arc::clone(&file),
+        flows: Vec::new(),
+        tests: Vec::new(),
+    };
     match root.get("flows") {
-        Some(Node { value: Value::Seq(flows), .. }) => {
+        Some(Node {
+            value: Value::Seq(flows),
+            ..
+        }) => {
             for (i, flow) in flows.iter().enumerate() {
                 if let Some(def) = flow_def(flow, &format!("flows[{i}]"), &file, &checker, report) {
                     out.flows.push(def);
                 }
             }
         }
-        Some(other) => report.error(other.loc, "flows", format!("`flows` is a list of flows, found {}", other.shape()), None),
-        None => report.error(root.loc, "", "missing `flows:`", Some("a flow file lists its flows under `flows:`".into())),
+        Some(other) => report.error(
+            other.loc,
+            "flows",
+            format!("`flows` is a list of flows, found {}", other.shape()),
+            None,
+        ),
+        None => report.error(
+            root.loc,
+            "",
+            "missing `flows:`",
+            Some("a flow file lists its flows under `flows:`".into()),
+        ),
     }
     if let Some(tests) = root.get("tests") {
         out.tests = tests_block(tests, &file, &checker, report);
@@ -156,31 +226,75 @@ fn hint(word: &str, allowed: &[&str]) -> String {
     }
 }
 
-fn flow_def(node: &Node, path: &str, file: &Arc<str>, checker: &LoadChecker<'_>, report: &mut Reporter) -> Option<FlowDef> {
+fn flow_def(
+    node: &Node,
+    path: &str,
+    file: &Arc<str>,
+    checker: &LoadChecker<'_>,
+    report: &mut Reporter,
+) -> Option<FlowDef> {
     let Value::Map(entries) = &node.value else {
-        report.error(node.loc, path, format!("a flow is a map with `name`, `from`, `steps` and `to`, found {}", node.shape()), None);
+        report.error(
+            node.loc,
+            path,
+            format!(
+                "a flow is a map with `name`, `from`, `steps` and `to`, found {}",
+                node.shape()
+            ),
+            None,
+        );
         return None;
     };
     for (key, _) in entries {
         if !FLOW_KEYS.contains(&key.name.as_str()) {
-            report.error(key.loc, &format!("{path}.{}", key.name), format!("unknown flow key `{}`", key.name), Some(hint(&key.name, &FLOW_KEYS)));
+            report.error(
+                key.loc,
+                &format!("{path}.{}", key.name),
+                format!("unknown flow key `{}`", key.name),
+                Some(hint(&key.name, &FLOW_KEYS)),
+            );
         }
     }
     let name = match node.get("name") {
-        Some(Node { value: Value::Str(s), .. }) if valid_name(s) => Some(s.clone()),
+        Some(Node {
+            value: Value::Str(s),
+            ..
+        }) if valid_name(s) => Some(s.clone()),
         Some(n) => {
-            report.error(n.loc, &format!("{path}.name"), "a flow name is letters, digits, `-` and `_`", None);
+            report.error(
+                n.loc,
+                &format!("{path}.name"),
+                "a flow name is letters, digits, `-` and `_`",
+                None,
+            );
             None
         }
         None => {
-            report.error(node.loc, path, "missing `name` for this flow", Some("every flow needs a unique `name`".into()));
+            report.error(
+                node.loc,
+                path,
+                "missing `name` for this flow",
+                Some("every flow needs a unique `name`".into()),
+            );
             None
         }
     };
     let from = match node.get("from") {
-        Some(n) => entry(n, ComponentKind::Source, &format!("{path}.from"), "from".into(), checker, report),
+        Some(n) => entry(
+            n,
+            ComponentKind::Source,
+            &format!("{path}.from"),
+            "from".into(),
+            checker,
+            report,
+        ),
         None => {
-            report.error(node.loc, path, "missing `from:` for this flow", Some("a flow starts from one source, e.g. `from: {http: {path: /orders}}`".into()));
+            report.error(
+                node.loc,
+                path,
+                "missing `from:` for this flow",
+                Some("a flow starts from one source, e.g. `from: {http: {path: /orders}}`".into()),
+            );
             None
         }
     };
@@ -190,12 +304,24 @@ fn flow_def(node: &Node, path: &str, file: &Arc<str>, checker: &LoadChecker<'_>,
     };
     let to = match node.get("to") {
         None => Some(Vec::new()),
-        Some(n @ Node { value: Value::Seq(items), .. }) => {
+        Some(
+            n @ Node {
+                value: Value::Seq(items),
+                ..
+            },
+        ) => {
             let _ = n;
             let mut out = Vec::new();
             let mut ok = true;
             for (i, item) in items.iter().enumerate() {
-                match entry(item, ComponentKind::Sink, &format!("{path}.to[{i}]"), format!("to[{i}]"), checker, report) {
+                match entry(
+                    item,
+                    ComponentKind::Sink,
+                    &format!("{path}.to[{i}]"),
+                    format!("to[{i}]"),
+                    checker,
+                    report,
+                ) {
                     Some(c) => out.push(c),
                     None => ok = false,
                 }
@@ -203,35 +329,80 @@ fn flow_def(node: &Node, path: &str, file: &Arc<str>, checker: &LoadChecker<'_>,
             ok.then_some(out)
         }
         // A single target may be written without the list.
-        Some(n) => entry(n, ComponentKind::Sink, &format!("{path}.to"), "to[0]".into(), checker, report).map(|c| vec![c]),
+        Some(n) => entry(
+            n,
+            ComponentKind::Sink,
+            &format!("{path}.to"),
+            "to[0]".into(),
+            checker,
+            report,
+        )
+        .map(|c| vec![c]),
     };
     let (name, from, steps, to) = (name?, from?, steps?, to?);
     let mut ids = BTreeSet::new();
     for c in steps.iter().chain(to.iter()) {
         if !ids.insert(c.id.clone()) {
-            report.error(c.loc, &c.path, format!("id `{}` is used twice in flow `{name}`", c.id), Some("give each step and target its own `id`".into()));
+            report.error(
+                c.loc,
+                &c.path,
+                format!("id `{}` is used twice in flow `{name}`", c.id),
+                Some("give each step and target its own `id`".into()),
+            );
         }
         if c.kind == ComponentKind::Sink && (c.id == REPLY_TARGET || c.id == ERROR_TARGET) {
-            report.error(c.loc, &c.path, format!("`{}` is reserved for test expectations", c.id), Some("choose another `id`".into()));
+            report.error(
+                c.loc,
+                &c.path,
+                format!("`{}` is reserved for test expectations", c.id),
+                Some("choose another `id`".into()),
+            );
         }
     }
-    Some(FlowDef { name, file: Arc::clone(file), loc: node.loc, from, steps, to })
+    Some(FlowDef {
+        name,
+        file: Arc::clone(file),
+        loc: node.loc,
+        from,
+        steps,
+        to,
+    })
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Validates a list of steps (a flow's `steps:` or a nested one).
-fn step_list(node: &Node, path: &str, id_prefix: &str, checker: &LoadChecker<'_>, report: &mut Reporter) -> Option<Vec<ComponentUse>> {
+fn step_list(
+    node: &Node,
+    path: &str,
+    id_prefix: &str,
+    checker: &LoadChecker<'_>,
+    report: &mut Reporter,
+) -> Option<Vec<ComponentUse>> {
     let Value::Seq(items) = &node.value else {
-        report.error(node.loc, path, format!("`steps` is a list of steps, found {}", node.shape()), Some("write each step as `- name: config`".into()));
+        report.error(
+            node.loc,
+            path,
+            format!("`steps` is a list of steps, found {}", node.shape()),
+            Some("write each step as `- name: config`".into()),
+        );
         return None;
     };
     let mut out = Vec::new();
     let mut ok = true;
     for (i, item) in items.iter().enumerate() {
-        match entry(item, ComponentKind::Processor, &format!("{path}[{i}]"), format!("{id_prefix}[{i}]"), checker, report) {
+        match entry(
+            item,
+            ComponentKind::Processor,
+            &format!("{path}[{i}]"),
+            format!("{id_prefix}[{i}]"),
+            checker,
+            report,
+        ) {
             Some(c) => out.push(c),
             None => ok = false,
         }
@@ -255,13 +426,26 @@ fn entry(
         // `- stdout` names a component that needs no configuration.
         Value::Str(_) => Vec::new(),
         _ => {
-            report.error(node.loc, path, format!("expected a {} such as `{}: {{...}}`, found {}", noun(kind), names.first().copied().unwrap_or("name"), node.shape()), None);
+            report.error(
+                node.loc,
+                path,
+                format!(
+                    "expected a {} such as `{}: {{...}}`, found {}",
+                    noun(kind),
+                    names.first().copied().unwrap_or("name"),
+                    node.shape()
+                ),
+                None,
+            );
             return None;
         }
     };
     let bare_key;
     let entries = if let Value::Str(s) = &node.value {
-        bare_key = node::Key { name: s.clone(), loc: node.loc };
+        bare_key = node::Key {
+            name: s.clone(),
+            loc: node.loc,
+        };
         vec![(&bare_key, None)]
     } else {
         entries
@@ -273,19 +457,38 @@ fn entry(
             if key.name == "id" {
                 match value.and_then(Node::as_str) {
                     Some(s) if valid_name(s) => id = s.to_owned(),
-                    _ => report.error(key.loc, &format!("{path}.id"), "an `id` is letters, digits, `-` and `_`", None),
+                    _ => report.error(
+                        key.loc,
+                        &format!("{path}.id"),
+                        "an `id` is letters, digits, `-` and `_`",
+                        None,
+                    ),
                 }
             }
             continue;
         }
         if component.is_some() {
-            report.error(key.loc, path, format!("one {} per entry: found a second component key `{}`", noun(kind), key.name), Some("start a new list entry (`- `) for the next one".into()));
+            report.error(
+                key.loc,
+                path,
+                format!(
+                    "one {} per entry: found a second component key `{}`",
+                    noun(kind),
+                    key.name
+                ),
+                Some("start a new list entry (`- `) for the next one".into()),
+            );
             return None;
         }
         component = Some((key, value));
     }
     let Some((key, value)) = component else {
-        report.error(node.loc, path, format!("this entry names no {}", noun(kind)), Some(format!("{}: {}", kind.plural(), names.join(", "))));
+        report.error(
+            node.loc,
+            path,
+            format!("this entry names no {}", noun(kind)),
+            Some(format!("{}: {}", kind.plural(), names.join(", "))),
+        );
         return None;
     };
     let Some((spec, _)) = registry.get(kind, &key.name) else {
@@ -293,17 +496,35 @@ fn entry(
             Some(s) => s,
             None => format!("{}: {}", kind.plural(), names.join(", ")),
         };
-        let elsewhere = [ComponentKind::Source, ComponentKind::Processor, ComponentKind::Sink]
-            .into_iter()
-            .find(|k| *k != kind && registry.get(*k, &key.name).is_some());
+        let elsewhere = [
+            ComponentKind::Source,
+            ComponentKind::Processor,
+            ComponentKind::Sink,
+        ]
+        .into_iter()
+        .find(|k| *k != kind && registry.get(*k, &key.name).is_some());
         let message = match elsewhere {
-            Some(other) => format!("`{}` is not a {} (it is used under `{}:`)", key.name, noun(kind), other.flow_key()),
+            Some(other) => format!(
+                "`{}` is not a {} (it is used under `{}:`)",
+                key.name,
+                noun(kind),
+                other.flow_key()
+            ),
             None => format!("unknown {} `{}`", noun(kind), key.name),
         };
-        report.error(key.loc, &format!("{path}.{}", key.name), message, Some(help));
+        report.error(
+            key.loc,
+            &format!("{path}.{}", key.name),
+            message,
+            Some(help),
+        );
         return None;
     };
-    let null = Node { value: Value::Null, loc: key.loc, secret: false };
+    let null = Node {
+        value: Value::Null,
+        loc: key.loc,
+        secret: false,
+    };
     let config_node = value.unwrap_or(&null);
     let config_path = format!("{path}.{}", key.name);
     let config = validate::component(spec, config_node, &config_path, checker, report)?;
@@ -353,7 +574,12 @@ impl Checker for LoadChecker<'_> {
     fn check_jq(&self, code: &str, node: &Node, path: &str, report: &mut Reporter) {
         if let Err(e) = expr::jq::compile(code, expr::jq::JqLimits::default()) {
             let loc = offset_loc(node, code, e.offset);
-            report.error(loc, path, format!("invalid jq expression: {}", e.message), None);
+            report.error(
+                loc,
+                path,
+                format!("invalid jq expression: {}", e.message),
+                None,
+            );
         }
     }
 
@@ -376,7 +602,10 @@ fn offset_loc(node: &Node, code: &str, offset: Option<usize>) -> Loc {
         Some(off) if !code[..off.min(code.len())].contains('\n') => {
             // Plain and quoted scalars on one line: the column moves with the offset (quoted
             // ones are off by the quote; close enough to point at the right token).
-            Loc { line: node.loc.line, column: node.loc.column + u32::try_from(off).unwrap_or(0) }
+            Loc {
+                line: node.loc.line,
+                column: node.loc.column + u32::try_from(off).unwrap_or(0),
+            }
         }
         _ => node.loc,
     }
@@ -386,29 +615,81 @@ fn offset_loc(node: &Node, code: &str, offset: Option<usize>) -> Loc {
 fn test_fields() -> Vec<FieldSpec> {
     let message = || {
         FieldType::Object(vec![
-            FieldSpec::new("body", FieldType::Any, "the body: JSON, or a string for a text body"),
-            FieldSpec::new("headers", FieldType::Map(Box::new(FieldType::String)), "headers"),
-            FieldSpec::new("pattern", FieldType::Enum(vec!["in_only", "in_out"]), "exchange pattern"),
+            FieldSpec::new(
+                "body",
+                FieldType::Any,
+                "the body: JSON, or a string for a text body",
+            ),
+            FieldSpec::new(
+                "headers",
+                FieldType::Map(Box::new(FieldType::String)),
+                "headers",
+            ),
+            FieldSpec::new(
+                "pattern",
+                FieldType::Enum(vec!["in_only", "in_out"]),
+                "exchange pattern",
+            ),
         ])
     };
     vec![
         FieldSpec::new("name", FieldType::String, "what the test checks").required(),
         FieldSpec::new("flow", FieldType::String, "the flow under test").required(),
         FieldSpec::new("input", message(), "the injected message"),
-        FieldSpec::new("mocks", FieldType::Map(Box::new(message())), "canned results by step id"),
+        FieldSpec::new(
+            "mocks",
+            FieldType::Map(Box::new(message())),
+            "canned results by step id",
+        ),
         FieldSpec::new(
             "expect",
             FieldType::List(Box::new(FieldType::Object(vec![
-                FieldSpec::new("target", FieldType::String, "a target id, `reply` or `error`").required(),
-                FieldSpec::new("count", FieldType::Integer { min: Some(0), max: None }, "number of messages"),
-                FieldSpec::new("index", FieldType::Integer { min: Some(0), max: None }, "which message"),
+                FieldSpec::new(
+                    "target",
+                    FieldType::String,
+                    "a target id, `reply` or `error`",
+                )
+                .required(),
+                FieldSpec::new(
+                    "count",
+                    FieldType::Integer {
+                        min: Some(0),
+                        max: None,
+                    },
+                    "number of messages",
+                ),
+                FieldSpec::new(
+                    "index",
+                    FieldType::Integer {
+                        min: Some(0),
+                        max: None,
+                    },
+                    "which message",
+                ),
                 FieldSpec::new("body", FieldType::Any, "exact body"),
-                FieldSpec::new("headers", FieldType::Map(Box::new(FieldType::String)), "headers that must match"),
+                FieldSpec::new(
+                    "headers",
+                    FieldType::Map(Box::new(FieldType::String)),
+                    "headers that must match",
+                ),
                 FieldSpec::new("condition", FieldType::Jq, "a jq predicate on the body"),
                 FieldSpec::new(
                     "error",
                     FieldType::Object(vec![
-                        FieldSpec::new("kind", FieldType::Enum(vec!["invalid_input", "expression", "timeout", "remote", "unavailable", "io", "rejected", "internal"]), "error kind"),
+                        FieldSpec::new(
+                            "kind",
+                            FieldType::Enum(vec![
+                                "invalid_input",
+                                "expression",
+                                "timeout",
+                                "remote",
+                                "unavailable",
+                                "io",
+                                "rejected",
+                                "internal",
+                            ]),
+                            "error kind",
+                        ),
                         FieldSpec::new("contains", FieldType::String, "text in the error"),
                     ]),
                     "expected failure",
@@ -420,9 +701,19 @@ fn test_fields() -> Vec<FieldSpec> {
     ]
 }
 
-fn tests_block(node: &Node, file: &Arc<str>, checker: &LoadChecker<'_>, report: &mut Reporter) -> Vec<TestDef> {
+fn tests_block(
+    node: &Node,
+    file: &Arc<str>,
+    checker: &LoadChecker<'_>,
+    report: &mut Reporter,
+) -> Vec<TestDef> {
     let Value::Seq(items) = &node.value else {
-        report.error(node.loc, "tests", format!("`tests` is a list of tests, found {}", node.shape()), None);
+        report.error(
+            node.loc,
+            "tests",
+            format!("`tests` is a list of tests, found {}", node.shape()),
+            None,
+        );
         return Vec::new();
     };
     let fields = test_fields();
@@ -451,16 +742,24 @@ fn tests_block(node: &Node, file: &Arc<str>, checker: &LoadChecker<'_>, report: 
 fn check_project(project: &Project, registry: &Registry, out: &mut Vec<Diagnostic>) {
     let _ = registry;
     let mut flows: BTreeMap<&str, &FlowDef> = BTreeMap::new();
-    let diag = |file: &Arc<str>, loc: Loc, path: String, message: String, help: Option<String>| Diagnostic {
-        file: Arc::clone(file),
-        loc,
-        path,
-        message,
-        help,
+    let diag = |file: &Arc<str>, loc: Loc, path: String, message: String, help: Option<String>| {
+        Diagnostic {
+            file: Arc::clone(file),
+            loc,
+            path,
+            message,
+            help,
+        }
     };
     for flow in project.flows() {
         if let Some(first) = flows.insert(&flow.name, flow) {
-            out.push(diag(&flow.file, flow.loc, String::new(), format!("flow name `{}` is used twice", flow.name), Some(format!("the first is in {}:{}", first.file, first.loc.line))));
+            out.push(diag(
+                &flow.file,
+                flow.loc,
+                String::new(),
+                format!("flow name `{}` is used twice", flow.name),
+                Some(format!("the first is in {}:{}", first.file, first.loc.line)),
+            ));
         }
     }
     // Channels: every channel written to must be read by exactly one flow, and the other way round.
@@ -468,11 +767,17 @@ fn check_project(project: &Project, registry: &Registry, out: &mut Vec<Diagnosti
     let mut writers: BTreeMap<String, Vec<(&FlowDef, &ComponentUse)>> = BTreeMap::new();
     for flow in project.flows() {
         if flow.from.component == crate::channel::NAME {
-            readers.entry(crate::channel::channel_name(&flow.from.config)).or_default().push(flow);
+            readers
+                .entry(crate::channel::channel_name(&flow.from.config))
+                .or_default()
+                .push(flow);
         }
         for target in &flow.to {
             if target.component == crate::channel::NAME {
-                writers.entry(crate::channel::channel_name(&target.config)).or_default().push((flow, target));
+                writers
+                    .entry(crate::channel::channel_name(&target.config))
+                    .or_default()
+                    .push((flow, target));
             }
         }
     }
@@ -484,15 +789,30 @@ fn check_project(project: &Project, registry: &Registry, out: &mut Vec<Diagnosti
         }
         if !writers.contains_key(name) {
             let flow = list[0];
-            let help = suggest(name, writers.keys().map(String::as_str)).unwrap_or_else(|| "add `to: [{channel: {name: ...}}]` in the flow that feeds it".into());
-            out.push(diag(&flow.file, flow.from.loc, format!("{}.from", flow.name), format!("no flow writes to channel `{name}`"), Some(help)));
+            let help = suggest(name, writers.keys().map(String::as_str)).unwrap_or_else(|| {
+                "add `to: [{channel: {name: ...}}]` in the flow that feeds it".into()
+            });
+            out.push(diag(
+                &flow.file,
+                flow.from.loc,
+                format!("{}.from", flow.name),
+                format!("no flow writes to channel `{name}`"),
+                Some(help),
+            ));
         }
     }
     for (name, list) in &writers {
         if !readers.contains_key(name) {
             for (flow, target) in list {
-                let help = suggest(name, readers.keys().map(String::as_str)).unwrap_or_else(|| "add a flow with `from: {channel: {name: ...}}`".into());
-                out.push(diag(&flow.file, target.loc, target.path.clone(), format!("no flow reads from channel `{name}`"), Some(help)));
+                let help = suggest(name, readers.keys().map(String::as_str))
+                    .unwrap_or_else(|| "add a flow with `from: {channel: {name: ...}}`".into());
+                out.push(diag(
+                    &flow.file,
+                    target.loc,
+                    target.path.clone(),
+                    format!("no flow reads from channel `{name}`"),
+                    Some(help),
+                ));
             }
         }
     }
@@ -501,19 +821,44 @@ fn check_project(project: &Project, registry: &Registry, out: &mut Vec<Diagnosti
             let path = format!("tests[{i}]");
             let Some(flow) = flows.get(test.flow.as_str()) else {
                 let help = suggest(&test.flow, flows.keys().copied());
-                out.push(diag(&file.path, test.loc, format!("{path}.flow"), format!("test `{}` names unknown flow `{}`", test.name, test.flow), help));
+                out.push(diag(
+                    &file.path,
+                    test.loc,
+                    format!("{path}.flow"),
+                    format!("test `{}` names unknown flow `{}`", test.name, test.flow),
+                    help,
+                ));
                 continue;
             };
             for (j, e) in test.expect.iter().enumerate() {
-                let known = e.target == REPLY_TARGET || e.target == ERROR_TARGET || flow.to.iter().any(|t| t.id == e.target);
+                let known = e.target == REPLY_TARGET
+                    || e.target == ERROR_TARGET
+                    || flow.to.iter().any(|t| t.id == e.target);
                 if !known {
-                    let ids: Vec<&str> = flow.to.iter().map(|t| t.id.as_str()).chain([REPLY_TARGET, ERROR_TARGET]).collect();
-                    out.push(diag(&file.path, test.loc, format!("{path}.expect[{j}].target"), format!("flow `{}` has no target `{}`", flow.name, e.target), Some(hint(&e.target, &ids))));
+                    let ids: Vec<&str> = flow
+                        .to
+                        .iter()
+                        .map(|t| t.id.as_str())
+                        .chain([REPLY_TARGET, ERROR_TARGET])
+                        .collect();
+                    out.push(diag(
+                        &file.path,
+                        test.loc,
+                        format!("{path}.expect[{j}].target"),
+                        format!("flow `{}` has no target `{}`", flow.name, e.target),
+                        Some(hint(&e.target, &ids)),
+                    ));
                 }
             }
             for step in test.mocks.keys() {
                 if !contains_step(&flow.steps, step) {
-                    out.push(diag(&file.path, test.loc, format!("{path}.mocks.{step}"), format!("flow `{}` has no step with id `{step}`", flow.name), Some("mocks are keyed by a step's `id:`".into())));
+                    out.push(diag(
+                        &file.path,
+                        test.loc,
+                        format!("{path}.mocks.{step}"),
+                        format!("flow `{}` has no step with id `{step}`", flow.name),
+                        Some("mocks are keyed by a step's `id:`".into()),
+                    ));
                 }
             }
         }
@@ -521,7 +866,9 @@ fn check_project(project: &Project, registry: &Registry, out: &mut Vec<Diagnosti
 }
 
 fn contains_step(steps: &[ComponentUse], id: &str) -> bool {
-    steps.iter().any(|s| s.id == id || s.node.to_string_ids().iter().any(|n| n == id))
+    steps
+        .iter()
+        .any(|s| s.id == id || s.node.to_string_ids().iter().any(|n| n == id))
 }
 
 impl Node {

@@ -204,9 +204,12 @@ impl<'de> Visitor<'de> for RawVisitor {
         Ok(RawValue::Int(v))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawValue, E> {
-        i64::try_from(v)
-            .map(RawValue::Int)
-            .map_err(|_| E::custom(format!("{v} is too large; the largest whole number is {}", i64::MAX)))
+        i64::try_from(v).map(RawValue::Int).map_err(|_| {
+            E::custom(format!(
+                "{v} is too large; the largest whole number is {}",
+                i64::MAX
+            ))
+        })
     }
     fn visit_f64<E>(self, v: f64) -> Result<RawValue, E> {
         Ok(RawValue::Float(v))
@@ -275,7 +278,11 @@ pub fn parse(text: &str) -> Result<Node, ParseError> {
 // only the first line of its text.
 fn plain_message(e: &serde_saphyr::Error) -> String {
     let text = e.to_string();
-    text.lines().next().unwrap_or("invalid YAML").trim().to_owned()
+    text.lines()
+        .next()
+        .unwrap_or("invalid YAML")
+        .trim()
+        .to_owned()
 }
 
 #[cfg(test)]

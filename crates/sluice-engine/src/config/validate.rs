@@ -5,7 +5,7 @@
 use serde_json::Value as Json;
 use sluice_core::spec::{ComponentSpec, FieldSpec, FieldType};
 
-use super::diag::{suggest, Reporter};
+use super::diag::{Reporter, suggest};
 use super::node::{Node, Value};
 
 /// Checks what the spec alone cannot: expressions compile, nested steps are valid.
@@ -33,13 +33,19 @@ pub fn component(
     let node = match (&node.value, spec.shorthand) {
         (Value::Map(_), _) => node,
         (Value::Null, _) => {
-            expanded = Node { value: Value::Map(Vec::new()), ..node.clone() };
+            expanded = Node {
+                value: Value::Map(Vec::new()),
+                ..node.clone()
+            };
             &expanded
         }
         (_, Some(field)) => {
             expanded = Node {
                 value: Value::Map(vec![(
-                    super::node::Key { name: field.to_owned(), loc: node.loc },
+                    super::node::Key {
+                        name: field.to_owned(),
+                        loc: node.loc,
+                    },
                     node.clone(),
                 )]),
                 ..node.clone()
@@ -50,7 +56,11 @@ pub fn component(
             report.error(
                 node.loc,
                 path,
-                format!("`{}` takes a map of fields, found {}", spec.name, node.shape()),
+                format!(
+                    "`{}` takes a map of fields, found {}",
+                    spec.name,
+                    node.shape()
+                ),
                 Some(field_list(&spec.fields)),
             );
             return None;
@@ -80,7 +90,12 @@ pub(crate) fn object(
 ) -> Json {
     let mut out = serde_json::Map::new();
     let Value::Map(entries) = &node.value else {
-        report.error(node.loc, path, format!("expected a map, found {}", node.shape()), None);
+        report.error(
+            node.loc,
+            path,
+            format!("expected a map, found {}", node.shape()),
+            None,
+        );
         return Json::Object(out);
     };
     for (key, value) in entries {
@@ -95,7 +110,12 @@ pub(crate) fn object(
                 let help = suggest(&key.name, fields.iter().map(|f| f.name))
                     .map(|s| format!("{s} ({})", field_list(fields)))
                     .unwrap_or_else(|| field_list(fields));
-                report.error(key.loc, &child, format!("unknown field `{}` in `{owner}`", key.name), Some(help));
+                report.error(
+                    key.loc,
+                    &child,
+                    format!("unknown field `{}` in `{owner}`", key.name),
+                    Some(help),
+                );
             }
         }
     }
@@ -108,7 +128,12 @@ pub(crate) fn object(
                 node.loc,
                 path,
                 format!("missing required field `{}` in `{owner}`", field.name),
-                Some(format!("`{}`: {} ({})", field.name, field.doc, field.ty.describe())),
+                Some(format!(
+                    "`{}`: {} ({})",
+                    field.name,
+                    field.doc,
+                    field.ty.describe()
+                )),
             );
         } else if let Some(default) = &field.default {
             out.insert(field.name.to_owned(), default.clone());
@@ -129,7 +154,12 @@ fn mismatch(ty: &FieldType, node: &Node, path: &str, secret: bool, report: &mut 
             _ => node.shape().to_owned(),
         }
     };
-    report.error(node.loc, path, format!("expected {}, found {found}", ty.describe()), None);
+    report.error(
+        node.loc,
+        path,
+        format!("expected {}, found {found}", ty.describe()),
+        None,
+    );
 }
 
 fn typed(
@@ -160,7 +190,12 @@ fn typed(
         (FieldType::Bool, Value::Bool(b)) => Json::Bool(*b),
         (FieldType::Duration, Value::Str(s)) => {
             if let Err(e) = sluice_core::duration::parse(s) {
-                report.error(node.loc, path, e.to_string(), None);
+                let message = if secret || node.secret {
+                    hidden(ty)
+                } else {
+                    e.to_string()
+                };
+                report.error(node.loc, path, message, None);
                 return None;
             }
             node.to_json()
@@ -168,15 +203,25 @@ fn typed(
         (FieldType::ByteSize, Value::Int(i)) if *i >= 0 => node.to_json(),
         (FieldType::ByteSize, Value::Str(s)) => {
             if let Err(e) = parse_byte_size(s) {
-                report.error(node.loc, path, e, None);
+                let message = if secret || node.secret { hidden(ty) } else { e };
+                report.error(node.loc, path, message, None);
                 return None;
             }
             node.to_json()
         }
         (FieldType::Enum(values), Value::Str(s)) => {
             if !values.contains(&s.as_str()) {
+                if secret || node.secret {
+                    report.error(node.loc, path, hidden(ty), None);
+                    return None;
+                }
                 let help = suggest(s, values.iter().copied());
-                report.error(node.loc, path, format!("expected {}, found `{s}`", ty.describe()), help);
+                report.error(
+                    node.loc,
+                    path,
+                    format!("expected {}, found `{s}`", ty.describe()),
+                    help,
+                );
                 return None;
             }
             node.to_json()
@@ -193,15 +238,31 @@ fn typed(
             items
                 .iter()
                 .enumerate()
-                .filter_map(|(i, item)| typed(inner, item, &format!("{path}[{i}]"), secret, checker, report))
+                .filter_map(|(i, item)| {
+                    typed(
+                        inner,
+                        item,
+                        &format!("{path}[{i}]"),
+                        secret,
+                        checker,
+                        report,
+                    )
+                })
                 .collect(),
         ),
         (FieldType::Map(inner), Value::Map(entries)) => Json::Object(
             entries
                 .iter()
                 .filter_map(|(k, v)| {
-                    typed(inner, v, &format!("{path}.{}", k.name), secret, checker, report)
-                        .map(|v| (k.name.clone(), v))
+                    typed(
+                        inner,
+                        v,
+                        &format!("{path}.{}", k.name),
+                        secret,
+                        checker,
+                        report,
+                    )
+                    .map(|v| (k.name.clone(), v))
                 })
                 .collect(),
         ),
@@ -234,12 +295,24 @@ fn typed(
     Some(json)
 }
 
+/// The message for a secret value of the wrong form: says what is expected, never what was found.
+fn hidden(ty: &FieldType) -> String {
+    format!(
+        "expected {}; the value comes from `${{env:..}}` or `${{file:..}}` and is not shown",
+        ty.describe()
+    )
+}
+
 /// Parses `1048576`, `512KiB`, `10MiB`, `1GiB`, `64KB`, `1MB` into bytes.
 pub fn parse_byte_size(text: &str) -> Result<u64, String> {
     let s = text.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let bad = || format!("`{text}` is not a size; write bytes as a number or with a unit, e.g. `512KiB`, `10MiB` (units: B, KB, KiB, MB, MiB, GB, GiB)");
+    let bad = || {
+        format!(
+            "`{text}` is not a size; write bytes as a number or with a unit, e.g. `512KiB`, `10MiB` (units: B, KB, KiB, MB, MiB, GB, GiB)"
+        )
+    };
     let n: u64 = digits.parse().map_err(|_| bad())?;
     let factor: u64 = match unit.trim() {
         "" | "B" => 1,

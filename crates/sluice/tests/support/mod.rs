@@ -17,7 +17,11 @@ use sluice_engine::{build, config};
 
 /// A free loopback port (bound then released; tests run the listener on it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Writes `yaml` to a flow file in `dir` and returns its path.
@@ -30,13 +34,17 @@ pub fn write_flow(dir: &tempfile::TempDir, name: &str, yaml: &str) -> PathBuf {
 /// Loads, builds and starts the flows at `paths`, and waits until `port` accepts connections.
 pub async fn start(paths: &[PathBuf], port: Option<u16>) -> Runtime {
     let registry = sluice::registry();
-    let project = config::load(paths, &registry).unwrap_or_else(|d| panic!("flows do not load:\n{d}"));
+    let project =
+        config::load(paths, &registry).unwrap_or_else(|d| panic!("flows do not load:\n{d}"));
     let topology = build::build(&project, &registry, Arc::new(Resources::default()))
         .unwrap_or_else(|d| panic!("flows do not build:\n{d}"));
     let runtime = Runtime::start(topology);
     if let Some(port) = port {
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 return runtime;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -59,7 +67,10 @@ impl Reply {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
     }
 }
 
@@ -79,5 +90,9 @@ pub async fn request(method: &str, url: &str, body: impl Into<Bytes>) -> Reply {
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply { status, headers, body }
+    Reply {
+        status,
+        headers,
+        body,
+    }
 }

@@ -1,0 +1,331 @@
+//! The `file` sink: appends messages to one file, or writes one file per message atomically.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
+use sluice_core::{BuildContext, BuildError, ErrorKind, Message, ProcessError, Sink};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+use crate::template::Template;
+
+const DESCRIPTION: &str = "\
+Writes message bodies to local files.
+
+**append** (default): `path` is a file; each message's body followed by `separator` is appended \
+in a single write through one shared handle, so messages never interleave. Parent directories \
+are created.
+
+**per_message**: `path` is a directory; each message becomes one file named by `name`, with the \
+placeholders `{id}` (message id), `{timestamp}` (RFC 3339 UTC with `:` replaced by `-`) and \
+`{header.<name>}`. The body is written to a hidden temporary file in the same directory \
+(`.<name>.tmp-<uuid>`) and renamed into place, so a file under its final name is always \
+complete (a `file` source watching that directory ignores the hidden temporary files). A file \
+of the same name is replaced.
+
+**Delivery guarantee.** at-least-once: a message is committed once its write returned (and, \
+with `fsync: true`, reached the disk; without it, a power loss can lose recent writes that the \
+source already saw acknowledged). A redelivered message is appended again; per_message files \
+named by `{id}` are simply rewritten.
+
+**Limits.** A rendered `name` may not contain `/`, `\\\\` or be `.`/`..` (the message fails with \
+invalid_input), so headers cannot steer writes outside `path`. Write errors fail the message \
+with kind `io`, naming the path.";
+
+/// The `file` sink's spec.
+pub fn spec() -> ComponentSpec {
+    ComponentSpec::new("file", ComponentKind::Sink, "Append messages to a file, or write one file per message")
+        .description(DESCRIPTION)
+        .field(
+            FieldSpec::new("path", FieldType::String, "The file to append to (`append`), or the directory to write files in (`per_message`).")
+                .required(),
+        )
+        .field(
+            FieldSpec::new("mode", FieldType::Enum(vec!["append", "per_message"]), "Append to one file, or one file per message.")
+                .default_value("append"),
+        )
+        .field(FieldSpec::new("name", FieldType::String, "File name template for `per_message`: `{id}`, `{timestamp}`, `{header.<name>}`; default `{id}.json`."))
+        .field(
+            FieldSpec::new("fsync", FieldType::Bool, "Flush each write to disk before the message counts as delivered (slower, survives power loss).")
+                .default_value(false),
+        )
+        .field(
+            FieldSpec::new("separator", FieldType::String, "Written after each message in `append` mode.")
+                .default_value("\n"),
+        )
+        .example("Append every event as a line of JSON", "path: /var/log/sluice/events.jsonl\nfsync: true\n")
+        .example(
+            "One file per order, named by its id header",
+            "path: ./outbox\nmode: per_message\nname: \"order-{header.order_id}-{timestamp}.json\"\n",
+        )
+}
+
+/// Append or per-message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One file, appended to.
+    Append,
+    /// One file per message.
+    PerMessage,
+}
+
+/// Configuration of the `file` sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// File or directory.
+    pub path: PathBuf,
+    /// Append or per-message.
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Name template (per_message).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// fsync each write.
+    #[serde(default)]
+    pub fsync: bool,
+    /// Separator after each message (append).
+    #[serde(default = "default_separator")]
+    pub separator: String,
+}
+
+fn default_mode() -> Mode {
+    Mode::Append
+}
+fn default_separator() -> String {
+    "\n".into()
+}
+
+/// A built `file` sink.
+#[derive(Debug)]
+pub struct FileSink {
+    path: PathBuf,
+    fsync: bool,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Append {
+        separator: Vec<u8>,
+        /// Opened on first use, dropped after an error so the next message reopens it.
+        file: Mutex<Option<tokio::fs::File>>,
+    },
+    PerMessage {
+        name: Template,
+    },
+}
+
+/// Builds a `file` sink.
+pub fn build(config: &Value, _ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
+    let c: FileSinkConfig = crate::config::parse(config)?;
+    if c.path.as_os_str().is_empty() {
+        return Err(BuildError::field(
+            "path",
+            "is empty; name a file or directory",
+        ));
+    }
+    let kind = match c.mode {
+        Mode::Append => {
+            if c.name.is_some() {
+                return Err(BuildError::field(
+                    "name",
+                    "only applies to `mode: per_message`; remove it or switch the mode",
+                ));
+            }
+            Kind::Append {
+                separator: c.separator.into_bytes(),
+                file: Mutex::new(None),
+            }
+        }
+        Mode::PerMessage => {
+            let text = c.name.unwrap_or_else(|| "{id}.json".to_owned());
+            let name =
+                Template::parse(&text).map_err(|e| BuildError::field("name", e.to_string()))?;
+            for placeholder in name.placeholders() {
+                if !(placeholder == "id"
+                    || placeholder == "timestamp"
+                    || placeholder
+                        .strip_prefix("header.")
+                        .is_some_and(|h| !h.is_empty()))
+                {
+                    return Err(BuildError::field(
+                        "name",
+                        format!(
+                            "unknown placeholder `{{{placeholder}}}`; use `{{id}}`, `{{timestamp}}` or `{{header.<name>}}`"
+                        ),
+                    ));
+                }
+            }
+            Kind::PerMessage { name }
+        }
+    };
+    Ok(Arc::new(FileSink {
+        path: c.path,
+        fsync: c.fsync,
+        kind,
+    }))
+}
+
+fn io_error(path: &Path, what: &str, e: &std::io::Error) -> ProcessError {
+    ProcessError::new(
+        ErrorKind::Io,
+        format!("{what} `{}` failed: {e}", path.display()),
+    )
+}
+
+#[async_trait]
+impl Sink for FileSink {
+    async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
+        match &self.kind {
+            Kind::Append { separator, file } => self.append(msg, separator, file).await,
+            Kind::PerMessage { name } => self.write_one(msg, name).await,
+        }
+    }
+}
+
+impl FileSink {
+    async fn append(
+        &self,
+        msg: &Message,
+        separator: &[u8],
+        slot: &Mutex<Option<tokio::fs::File>>,
+    ) -> Result<(), ProcessError> {
+        let mut record = Vec::with_capacity(msg.body.len() + separator.len());
+        record.extend_from_slice(msg.body.as_bytes());
+        record.extend_from_slice(separator);
+        let mut guard = slot.lock().await;
+        if guard.is_none() {
+            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .map_err(|e| io_error(parent, "creating directory", &e))?;
+            }
+            let file = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+                .await
+                .map_err(|e| io_error(&self.path, "opening", &e))?;
+            *guard = Some(file);
+        }
+        let Some(file) = guard.as_mut() else {
+            return Err(ProcessError::new(
+                ErrorKind::Internal,
+                "append handle missing after open",
+            ));
+        };
+        let result = async {
+            file.write_all(&record).await?;
+            // tokio files write on a blocking thread; flush waits for that write to finish.
+            file.flush().await?;
+            if self.fsync {
+                file.sync_data().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            // The handle may be in an unknown state (a partial write); reopen next time.
+            *guard = None;
+            return Err(io_error(&self.path, "appending to", &e));
+        }
+        Ok(())
+    }
+
+    async fn write_one(&self, msg: &Message, name: &Template) -> Result<(), ProcessError> {
+        let file_name = render_name(name, msg)?;
+        let dir = &self.path;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| io_error(dir, "creating directory", &e))?;
+        let final_path = dir.join(&file_name);
+        let temp_path = dir.join(format!(
+            ".{file_name}.tmp-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        let body = msg.body.as_bytes().clone();
+        let fsync = self.fsync;
+        let result = async {
+            let mut file = tokio::fs::File::create(&temp_path).await?;
+            file.write_all(&body).await?;
+            file.flush().await?;
+            if fsync {
+                file.sync_all().await?;
+            }
+            drop(file);
+            tokio::fs::rename(&temp_path, &final_path).await?;
+            if fsync {
+                // The rename itself is durable only once the directory entry is on disk.
+                let dir = tokio::fs::File::open(dir).await?;
+                dir.sync_all().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if let Err(e) = result {
+            // Never leave the partial temporary file behind; it may not exist, which is fine.
+            let _ = tokio::fs::remove_file(&temp_path).await;
+            return Err(io_error(&final_path, "writing", &e));
+        }
+        Ok(())
+    }
+}
+
+/// Renders the per-message file name, refusing names that would leave the directory.
+pub fn render_name(name: &Template, msg: &Message) -> Result<String, ProcessError> {
+    let rendered = name.render(|placeholder| match placeholder {
+        "id" => Ok(msg.id().to_string()),
+        "timestamp" => Ok(chrono::Utc::now()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            .replace(':', "-")),
+        other => {
+            let header = other.strip_prefix("header.").unwrap_or(other);
+            msg.headers.get(header).cloned().ok_or_else(|| {
+                ProcessError::invalid_input(format!(
+                    "file name placeholder `{{{other}}}` needs the message header `{header}`, which is missing; set it before this sink or change `name`"
+                ))
+            })
+        }
+    })?;
+    if rendered.is_empty()
+        || rendered == "."
+        || rendered == ".."
+        || rendered.contains(['/', '\\', '\0'])
+    {
+        return Err(ProcessError::invalid_input(format!(
+            "the file name `{rendered}` is not a plain file name; headers used in `name` may not contain `/` or `\\` or be `.`/`..`"
+        )));
+    }
+    Ok(rendered)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_render_and_refuse_traversal() {
+        let t = Template::parse("{header.kind}-{id}.json").unwrap();
+        let msg = Message::bytes(&b"x"[..]).with_header("kind", "order");
+        assert_eq!(
+            render_name(&t, &msg).unwrap(),
+            format!("order-{}.json", msg.id())
+        );
+        let evil = Message::bytes(&b"x"[..]).with_header("kind", "../../etc/passwd");
+        assert_eq!(
+            render_name(&t, &evil).unwrap_err().kind,
+            ErrorKind::InvalidInput
+        );
+        let missing = Message::bytes(&b"x"[..]);
+        let err = render_name(&t, &missing).unwrap_err();
+        assert!(err.detail.contains("`kind`"), "{}", err.detail);
+        let ts = render_name(&Template::parse("{timestamp}").unwrap(), &missing).unwrap();
+        assert!(!ts.contains(':') && ts.ends_with('Z'), "{ts}");
+    }
+}

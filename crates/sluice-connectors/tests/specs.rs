@@ -1,0 +1,158 @@
+//! Every spec is complete, every example builds, and the config structs' serde defaults agree
+//! with the spec defaults.
+
+// Test helpers outside #[test] fns may panic on a broken fixture: that is the failure report.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::needless_pass_by_value
+)]
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use sluice_core::Resources;
+use sluice_core::registry::Factory;
+use sluice_core::spec::ComponentKind;
+
+#[test]
+fn every_component_is_registered() {
+    let reg = registry();
+    assert_eq!(reg.names(ComponentKind::Source), ["file", "http", "timer"]);
+    assert_eq!(reg.names(ComponentKind::Processor), ["http"]);
+    assert_eq!(
+        reg.names(ComponentKind::Sink),
+        ["file", "http", "log", "stdout"]
+    );
+}
+
+#[tokio::test]
+async fn every_spec_is_documented_and_every_example_builds() {
+    let reg = registry();
+    let res = Arc::new(Resources::default());
+    for spec in reg.specs() {
+        let name = format!("{:?} {}", spec.kind, spec.name);
+        assert!(!spec.summary.is_empty(), "{name}: summary");
+        let d = spec.description.to_ascii_lowercase();
+        assert!(
+            d.contains("delivery guarantee")
+                && (d.contains("at-least-once")
+                    || d.contains("at-most-once")
+                    || d.contains("none needed")),
+            "{name}: description must state the delivery guarantee"
+        );
+        assert!(
+            d.contains("limits") || d.contains("limit"),
+            "{name}: description must name its limits"
+        );
+        for field in &spec.fields {
+            assert!(!field.doc.is_empty(), "{name}.{}: doc", field.name);
+            assert!(
+                !(field.required && field.default.is_some()),
+                "{name}.{}: required with default",
+                field.name
+            );
+        }
+        assert!(!spec.examples.is_empty(), "{name}: no example");
+        let (_, factory) = reg.get(spec.kind, spec.name).unwrap();
+        for example in &spec.examples {
+            let value: Value = serde_saphyr::from_str(example.yaml)
+                .unwrap_or_else(|e| panic!("{name}: example `{}` is not YAML: {e}", example.title));
+            let config = with_defaults(spec, &value);
+            let built = match factory {
+                Factory::Source(f) => f(&config, &ctx(&res)).map(|_| ()),
+                Factory::Processor(f) => f(&config, &ctx(&res)).map(|_| ()),
+                Factory::Sink(f) => f(&config, &ctx(&res)).map(|_| ()),
+            };
+            if let Err(e) = built {
+                panic!("{name}: example `{}` does not build: {e}", example.title);
+            }
+        }
+    }
+}
+
+/// Deserializing only `required` must equal deserializing it with the spec's defaults filled in.
+fn defaults_agree<T: DeserializeOwned + PartialEq + std::fmt::Debug>(
+    kind: ComponentKind,
+    name: &str,
+    required: Value,
+) {
+    let reg = registry();
+    let (spec, _) = reg.get(kind, name).unwrap();
+    let bare: T = serde_json::from_value(required.clone()).unwrap();
+    let filled: T = serde_json::from_value(with_defaults(spec, &required)).unwrap();
+    assert_eq!(
+        bare, filled,
+        "{name}: serde defaults and spec defaults differ"
+    );
+}
+
+#[test]
+fn serde_defaults_match_spec_defaults() {
+    use sluice_connectors::{file, http, log, timer};
+    defaults_agree::<http::source::HttpSourceConfig>(
+        ComponentKind::Source,
+        "http",
+        json!({"path": "/x"}),
+    );
+    defaults_agree::<http::request::HttpRequestConfig>(
+        ComponentKind::Processor,
+        "http",
+        json!({"url": "http://h/"}),
+    );
+    defaults_agree::<http::request::HttpRequestConfig>(
+        ComponentKind::Sink,
+        "http",
+        json!({"url": "http://h/"}),
+    );
+    defaults_agree::<file::source::FileSourceConfig>(
+        ComponentKind::Source,
+        "file",
+        json!({"path": "/d"}),
+    );
+    defaults_agree::<file::sink::FileSinkConfig>(
+        ComponentKind::Sink,
+        "file",
+        json!({"path": "/d"}),
+    );
+    defaults_agree::<timer::TimerConfig>(ComponentKind::Source, "timer", json!({"interval": "1s"}));
+    defaults_agree::<log::LogConfig>(ComponentKind::Sink, "log", json!({}));
+    defaults_agree::<log::StdoutConfig>(ComponentKind::Sink, "stdout", json!({}));
+}
+
+#[test]
+fn spec_fields_match_the_config_structs() {
+    // A field in the spec that the struct does not know would be refused at build time.
+    let reg = registry();
+    let res = Arc::new(Resources::default());
+    let samples = [
+        (ComponentKind::Source, "http", json!({"path": "/x"})),
+        (
+            ComponentKind::Processor,
+            "http",
+            json!({"url": "http://h/"}),
+        ),
+        (ComponentKind::Sink, "http", json!({"url": "http://h/"})),
+        (ComponentKind::Source, "file", json!({"path": "/d"})),
+        (ComponentKind::Sink, "file", json!({"path": "/d"})),
+        (ComponentKind::Source, "timer", json!({"interval": "1s"})),
+        (ComponentKind::Sink, "log", json!({})),
+        (ComponentKind::Sink, "stdout", json!({})),
+    ];
+    for (kind, name, required) in samples {
+        let (spec, factory) = reg.get(kind, name).unwrap();
+        let mut config = with_defaults(spec, &required);
+        config["not_a_field"] = json!(1);
+        let err = match factory {
+            Factory::Source(f) => f(&config, &ctx(&res)).map(|_| ()),
+            Factory::Processor(f) => f(&config, &ctx(&res)).map(|_| ()),
+            Factory::Sink(f) => f(&config, &ctx(&res)).map(|_| ()),
+        }
+        .unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("not_a_field"), "{name}");
+    }
+}

@@ -1,0 +1,69 @@
+//! Built-in processors (steps), one file each, named after the Enterprise Integration Patterns
+//! they implement where one applies.
+
+mod choice;
+mod common;
+mod filter;
+mod log;
+mod remove_header;
+mod set_header;
+mod template;
+mod transform;
+
+#[cfg(test)]
+pub(crate) mod testkit;
+
+use sluice_core::Registry;
+
+/// Registers every built-in processor.
+pub fn register_all(registry: &mut Registry) {
+    registry
+        .processor(transform::spec(), transform::build)
+        .processor(template::spec(), template::build)
+        .processor(set_header::spec(), set_header::build)
+        .processor(remove_header::spec(), remove_header::build)
+        .processor(filter::spec(), filter::build)
+        .processor(choice::spec(), choice::build)
+        .processor(log::spec(), log::build);
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_core::Registry;
+    use sluice_core::spec::ComponentKind;
+
+    /// Every example in every spec builds (the engine's loader also validates it against the spec).
+    #[test]
+    fn every_example_builds() {
+        let mut registry = Registry::new();
+        super::register_all(&mut registry);
+        let names = registry.names(ComponentKind::Processor);
+        assert_eq!(
+            names,
+            [
+                "choice",
+                "filter",
+                "log",
+                "remove_header",
+                "set_header",
+                "template",
+                "transform"
+            ]
+        );
+        for spec in registry.specs() {
+            assert!(!spec.examples.is_empty(), "{} has no example", spec.name);
+            assert!(
+                !spec.description.is_empty(),
+                "{} has no description",
+                spec.name
+            );
+            for example in &spec.examples {
+                let config: serde_json::Value = serde_saphyr::from_str(example.yaml)
+                    .unwrap_or_else(|e| panic!("{}: {}: {e}", spec.name, example.title));
+                if let Err(e) = super::testkit::try_build(spec.name, &config) {
+                    panic!("{}: {}: {e}", spec.name, example.title);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Test-only step builder: builds `[{name: config}, ...]` from a registry filled by
+//! `register_all` and runs the steps in sequence. The engine's real builder is exercised by
+//! flow-level tests.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use sluice_core::component::{JqProgram, StepBuilder};
+use sluice_core::registry::Factory;
+use sluice_core::spec::ComponentKind;
+use sluice_core::{
+    BuildContext, BuildError, Failure, Message, Outputs, Processor, Registry, Resources,
+};
+
+use crate::expr::jq::{self, JqLimits};
+
+pub(crate) struct TestSteps {
+    registry: Registry,
+    resources: Arc<Resources>,
+}
+
+impl TestSteps {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::new();
+        super::register_all(&mut registry);
+        TestSteps {
+            registry,
+            resources: Arc::new(Resources::default()),
+        }
+    }
+
+    fn build_step(&self, name: &str, config: &Value) -> Result<Arc<dyn Processor>, BuildError> {
+        let (spec, factory) = self
+            .registry
+            .get(ComponentKind::Processor, name)
+            .ok_or_else(|| BuildError::new(format!("unknown processor `{name}`")))?;
+        let config = match (config, spec.shorthand) {
+            (Value::Object(_), _) => config.clone(),
+            (scalar, Some(field)) => {
+                Value::Object(Map::from_iter([(field.to_owned(), scalar.clone())]))
+            }
+            (_, None) => return Err(BuildError::new(format!("`{name}` needs an object"))),
+        };
+        let Factory::Processor(factory) = factory else {
+            return Err(BuildError::new("not a processor"));
+        };
+        let ctx = BuildContext {
+            flow: "test",
+            id: name,
+            steps: self,
+            resources: &self.resources,
+        };
+        factory(&config, &ctx)
+    }
+}
+
+impl StepBuilder for TestSteps {
+    fn build_steps(&self, field: &str, steps: &Value) -> Result<Arc<dyn Processor>, BuildError> {
+        let list = steps
+            .as_array()
+            .ok_or_else(|| BuildError::field(field, "expected a list of steps"))?;
+        let mut built = Vec::new();
+        for step in list {
+            let (name, config) = step
+                .as_object()
+                .and_then(|o| o.iter().next())
+                .ok_or_else(|| BuildError::field(field, "expected `{name: config}`"))?;
+            built.push(self.build_step(name, config)?);
+        }
+        Ok(Arc::new(Sequence(built)))
+    }
+
+    fn compile_jq(&self, field: &str, code: &str) -> Result<Arc<dyn JqProgram>, BuildError> {
+        jq::compile(code, JqLimits::default()).map_err(|e| BuildError::field(field, e.message))
+    }
+}
+
+struct Sequence(Vec<Arc<dyn Processor>>);
+
+#[async_trait]
+impl Processor for Sequence {
+    async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
+        let mut current: Outputs = std::iter::once(msg).collect();
+        for step in &self.0 {
+            let mut next = Outputs::new();
+            for m in current {
+                next.extend(step.process(m).await?);
+            }
+            current = next;
+        }
+        Ok(current)
+    }
+}
+
+/// Builds one step, or the error.
+pub(crate) fn try_build(name: &str, config: &Value) -> Result<Arc<dyn Processor>, BuildError> {
+    TestSteps::new().build_step(name, config)
+}
+
+/// Builds one step.
+// By value so tests can write `build_one("x", json!(...))` without a borrow.
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn build_one(name: &str, config: Value) -> Arc<dyn Processor> {
+    match try_build(name, &config) {
+        Ok(step) => step,
+        Err(e) => panic!("building `{name}` failed: {e}"),
+    }
+}
+
+/// Runs a step on one message.
+pub(crate) async fn process(
+    step: &Arc<dyn Processor>,
+    msg: Message,
+) -> Result<Vec<Message>, Failure> {
+    step.process(msg).await.map(|out| out.into_iter().collect())
+}
