@@ -104,10 +104,10 @@ fn write_fields(out: &mut String, fields: &[FieldSpec], prefix: &str) {
         if let FieldType::Object(inner) = &f.ty {
             write_fields(out, inner, &format!("{prefix}{}.", f.name));
         }
-        if let FieldType::List(inner) = &f.ty {
-            if let FieldType::Object(inner) = inner.as_ref() {
-                write_fields(out, inner, &format!("{prefix}{}[].", f.name));
-            }
+        if let FieldType::List(inner) = &f.ty
+            && let FieldType::Object(inner) = inner.as_ref()
+        {
+            write_fields(out, inner, &format!("{prefix}{}[].", f.name));
         }
     }
 }
@@ -132,7 +132,7 @@ pub fn schema(registry: &Registry) -> Value {
         let variants: Vec<Value> = registry
             .specs()
             .filter(|s| s.kind == kind)
-            .map(|s| entry_schema(s))
+            .map(entry_schema)
             .collect();
         defs.insert(def_name(kind).to_owned(), json!({ "oneOf": variants }));
     }
@@ -165,13 +165,13 @@ pub fn schema(registry: &Registry) -> Value {
                     "to": { "oneOf": [ { "$ref": "#/$defs/sink" }, { "type": "array", "items": { "$ref": "#/$defs/sink" } } ] }
                 }
             }},
-            "tests": tests_schema(message)
+            "tests": tests_schema(&message)
         },
         "$defs": defs
     })
 }
 
-fn tests_schema(message: Value) -> Value {
+fn tests_schema(message: &Value) -> Value {
     let expectation = json!({
         "type": "object", "additionalProperties": false, "required": ["target"],
         "properties": {
@@ -192,7 +192,7 @@ fn tests_schema(message: Value) -> Value {
         "properties": {
             "name": { "type": "string" },
             "flow": { "type": "string" },
-            "input": message.clone(),
+            "input": message,
             "mocks": { "type": "object", "additionalProperties": message },
             "expect": { "type": "array", "items": expectation }
         }

@@ -156,20 +156,20 @@ fn check_error(
         return;
     };
     if let Some(want) = e.error.as_ref() {
-        if let Some(kind) = want.kind {
-            if kind != error.kind {
-                failures.push(format!(
-                    "{label}: expected error kind `{kind}`, got `{}` ({error})",
-                    error.kind
-                ));
-            }
+        if let Some(kind) = want.kind
+            && kind != error.kind
+        {
+            failures.push(format!(
+                "{label}: expected error kind `{kind}`, got `{}` ({error})",
+                error.kind
+            ));
         }
-        if let Some(text) = &want.contains {
-            if !error.to_string().contains(text.as_str()) {
-                failures.push(format!(
-                    "{label}: expected the error to contain `{text}`, got `{error}`"
-                ));
-            }
+        if let Some(text) = &want.contains
+            && !error.to_string().contains(text.as_str())
+        {
+            failures.push(format!(
+                "{label}: expected the error to contain `{text}`, got `{error}`"
+            ));
         }
     }
 }
@@ -199,13 +199,13 @@ async fn check_messages(
     label: &str,
     failures: &mut Vec<String>,
 ) {
-    if let Some(count) = e.count {
-        if messages.len() != count {
-            failures.push(format!(
-                "{label}: expected {count} message(s), got {}",
-                messages.len()
-            ));
-        }
+    if let Some(count) = e.count
+        && messages.len() != count
+    {
+        failures.push(format!(
+            "{label}: expected {count} message(s), got {}",
+            messages.len()
+        ));
     }
     let wants_content = e.body.is_some() || !e.headers.is_empty() || e.condition.is_some();
     if !wants_content {

@@ -2,6 +2,8 @@
 //! stale. Regenerate with `cargo run -p sluice -- docs` and `cargo run -p sluice -- schema --out
 //! docs/flow.schema.json`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::path::Path;
 
 fn root() -> &'static Path {
@@ -53,60 +55,45 @@ fn every_component_has_docs_and_an_example() {
     }
 }
 
+fn indent(text: &str, by: usize) -> String {
+    let pad = " ".repeat(by);
+    text.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A flow file that uses `entry` (a component key and its example) in the right place.
+fn flow_using(kind: sluice_core::spec::ComponentKind, entry: &str) -> String {
+    use sluice_core::spec::ComponentKind;
+    let timer = "    from: { timer: { interval: 1s } }\n";
+    match kind {
+        ComponentKind::Source => format!("flows:\n  - name: f\n    from:\n{}\n", indent(entry, 6)),
+        ComponentKind::Processor => format!(
+            "flows:\n  - name: f\n{timer}    steps:\n      -\n{}\n",
+            indent(entry, 8)
+        ),
+        ComponentKind::Sink => format!(
+            "flows:\n  - name: f\n{timer}    to:\n      -\n{}\n",
+            indent(entry, 8)
+        ),
+    }
+}
+
 #[test]
 fn every_spec_example_validates() {
-    use sluice_core::spec::ComponentKind;
     let registry = sluice::registry();
     for spec in registry.specs() {
         for example in &spec.examples {
-            let entry = format!(
-                "{}:\n{}",
-                spec.name,
-                example
-                    .yaml
-                    .lines()
-                    .map(|l| format!("  {l}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            let entry = if example.yaml.lines().count() == 1 && !example.yaml.contains(':') {
-                format!("{}: {}", spec.name, example.yaml.trim())
-            } else {
-                entry
-            };
-            let indented = entry
-                .lines()
-                .map(|l| format!("      {l}"))
-                .collect::<Vec<_>>()
-                .join("\n");
-            let yaml = match spec.kind {
-                ComponentKind::Source => format!(
-                    "flows:\n  - name: f\n    from:\n{indented}\n",
-                    indented = indented.replacen("      ", "      ", 1)
-                ),
-                ComponentKind::Processor => format!(
-                    "flows:\n  - name: f\n    from: {{ timer: {{ interval: 1s }} }}\n    steps:\n      -\n{}\n",
-                    indented
-                        .lines()
-                        .map(|l| format!("  {l}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                ),
-                ComponentKind::Sink => format!(
-                    "flows:\n  - name: f\n    from: {{ timer: {{ interval: 1s }} }}\n    to:\n      -\n{}\n",
-                    indented
-                        .lines()
-                        .map(|l| format!("  {l}"))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                ),
-            };
-            // Channels need both ends.
-            let yaml = if spec.name == "channel" {
-                "flows:\n  - name: w\n    from: { timer: { interval: 1s } }\n    to: [ { channel: orders } ]\n  - name: r\n    from: { channel: orders }\n".to_owned()
-            } else {
-                yaml
-            };
+            let entry = format!("{}:\n{}", spec.name, indent(example.yaml.trim_end(), 2));
+            let mut yaml = flow_using(spec.kind, &entry);
+            // A channel needs both ends: add the missing one, named as in the examples.
+            if spec.name == "channel" {
+                yaml.push_str("  - name: other\n    from: { channel: orders }\n");
+                if spec.kind == sluice_core::spec::ComponentKind::Source {
+                    yaml = yaml.replace("  - name: other\n    from: { channel: orders }\n", "  - name: other\n    from: { timer: { interval: 1s } }\n    to: [ { channel: orders } ]\n");
+                }
+            }
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("f.yaml");
             std::fs::write(&path, &yaml).unwrap();

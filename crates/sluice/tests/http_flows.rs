@@ -1,5 +1,7 @@
 //! Behaviour tests: whole flows through the real HTTP listener on loopback, with a real client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;

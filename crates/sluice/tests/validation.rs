@@ -1,14 +1,15 @@
 //! Snapshot tests of what `validate` tells a user about broken flow files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::path::PathBuf;
 
 fn diagnostics(yaml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("flows.yaml");
     std::fs::write(&path, yaml).unwrap();
-    let err = sluice_engine::config::load(&[path.clone()], &sluice::registry())
-        .err()
-        .expect("the file should not validate");
+    let err = sluice_engine::config::load(&[path], &sluice::registry())
+        .expect_err("the file should not validate");
     // Paths differ per run; show the file name only.
     err.to_string()
         .replace(&dir.path().display().to_string(), "<dir>")
@@ -89,9 +90,7 @@ fn secrets_are_never_echoed() {
         "flows:\n  - name: a\n    from: { timer: { interval: '${file:secret.txt}' } }\n",
     )
     .unwrap();
-    let err = sluice_engine::config::load(&[path], &sluice::registry())
-        .err()
-        .expect("invalid");
+    let err = sluice_engine::config::load(&[path], &sluice::registry()).expect_err("invalid");
     let text = err.to_string();
     assert!(text.contains("interval"), "{text}");
     assert!(!text.contains("hunter2"), "secret leaked: {text}");

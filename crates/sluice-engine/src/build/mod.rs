@@ -275,7 +275,7 @@ impl StepBuilder for Ctx<'_> {
             }
             BuildError::new(ALREADY_REPORTED)
         })?;
-        let before = self.diags.lock().map(|d| d.len()).unwrap_or(0);
+        let before = self.diags.lock().map_or(0, |d| d.len());
         let pipeline = build_steps(
             self.def,
             &uses,
@@ -284,7 +284,7 @@ impl StepBuilder for Ctx<'_> {
             self.diags,
             self.mocks,
         );
-        let after = self.diags.lock().map(|d| d.len()).unwrap_or(0);
+        let after = self.diags.lock().map_or(0, |d| d.len());
         if after > before {
             return Err(BuildError::new(ALREADY_REPORTED));
         }

@@ -74,7 +74,7 @@ fn expand(
         if rest[..start].ends_with('$') {
             // `$${` escapes: keep one `$` and the `{`.
             out.push_str(&rest[..start]);
-            out.push_str("{");
+            out.push('{');
             rest = &rest[start + 2..];
             replaced = true;
             continue;

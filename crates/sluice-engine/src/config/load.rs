@@ -99,14 +99,7 @@ pub fn load_with(
             }
         };
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if let Some(file) = load_text(
-            &text,
-            &base,
-            Arc::clone(&name),
-            registry,
-            lookup,
-            &mut report,
-        ) {
+        if let Some(file) = load_text(&text, &base, &name, registry, lookup, &mut report) {
             project.files.push(file);
         }
         all.extend(report.finish());
@@ -142,7 +135,7 @@ fn read_limited(path: &Path) -> Result<String, String> {
 pub fn load_text(
     text: &str,
     base: &Path,
-    file: Arc<str>,
+    file: &Arc<str>,
     registry: &Registry,
     lookup: &dyn Lookup,
     report: &mut Reporter,
@@ -184,7 +177,7 @@ pub fn load_text(
         }
     }
     let mut out = FlowFile {
-        path: Arc::clone(&file),
+        path: Arc::clone(file),
         flows: Vec::new(),
         tests: Vec::new(),
     };
@@ -194,7 +187,7 @@ pub fn load_text(
             ..
         }) => {
             for (i, flow) in flows.iter().enumerate() {
-                if let Some(def) = flow_def(flow, &format!("flows[{i}]"), &file, &checker, report) {
+                if let Some(def) = flow_def(flow, &format!("flows[{i}]"), file, &checker, report) {
                     out.flows.push(def);
                 }
             }
@@ -213,7 +206,7 @@ pub fn load_text(
         ),
     }
     if let Some(tests) = root.get("tests") {
-        out.tests = tests_block(tests, &file, &checker, report);
+        out.tests = tests_block(tests, file, &checker, report);
     }
     Some(out)
 }
@@ -884,10 +877,10 @@ fn collect_ids(node: &Node, out: &mut Vec<String>) {
     match &node.value {
         Value::Map(entries) => {
             for (k, v) in entries {
-                if k.name == "id" {
-                    if let Some(s) = v.as_str() {
-                        out.push(s.to_owned());
-                    }
+                if k.name == "id"
+                    && let Some(s) = v.as_str()
+                {
+                    out.push(s.to_owned());
                 }
                 collect_ids(v, out);
             }

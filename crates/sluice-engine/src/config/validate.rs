@@ -107,9 +107,10 @@ pub(crate) fn object(
                 }
             }
             None => {
-                let help = suggest(&key.name, fields.iter().map(|f| f.name))
-                    .map(|s| format!("{s} ({})", field_list(fields)))
-                    .unwrap_or_else(|| field_list(fields));
+                let help = suggest(&key.name, fields.iter().map(|f| f.name)).map_or_else(
+                    || field_list(fields),
+                    |s| format!("{s} ({})", field_list(fields)),
+                );
                 report.error(
                     key.loc,
                     &child,
@@ -278,10 +279,10 @@ fn typed(
             // Take the first alternative that accepts the node without problems.
             for alt in types {
                 let mut scratch = Reporter::new(report.file().clone());
-                if let Some(v) = typed(alt, node, path, secret, checker, &mut scratch) {
-                    if scratch.count() == 0 {
-                        return Some(v);
-                    }
+                if let Some(v) = typed(alt, node, path, secret, checker, &mut scratch)
+                    && scratch.count() == 0
+                {
+                    return Some(v);
                 }
             }
             mismatch(ty, node, path, secret, report);
