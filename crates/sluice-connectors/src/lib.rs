@@ -6,8 +6,6 @@
 
 use sluice_core::Registry;
 
-#[cfg(any(feature = "http", feature = "file"))]
-pub mod bytesize;
 pub mod config;
 #[cfg(any(feature = "http", feature = "file"))]
 pub mod template;

@@ -8,6 +8,7 @@
 //! This crate depends on no other Sluice crate (see ARCHITECTURE.md).
 
 pub mod ack;
+pub mod bytesize;
 pub mod component;
 pub mod duration;
 pub mod error;

@@ -18,7 +18,7 @@ use sluice_core::{
 };
 
 use super::glob_match;
-use crate::bytesize::ByteSize;
+use sluice_core::bytesize::ByteSize;
 
 const DESCRIPTION: &str = "\
 Polls the directory `path` every `poll_interval` for regular files whose name matches \

@@ -11,7 +11,7 @@ use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{BuildContext, BuildError, ExchangePattern, Source, SourceContext, SourceError};
 
 use super::listener::{HttpListeners, RouteConfig, check_path};
-use crate::bytesize::ByteSize;
+use sluice_core::bytesize::ByteSize;
 
 const DESCRIPTION: &str = "\
 Serves HTTP requests on `listen` and turns each into a message. Several flows may use the same \

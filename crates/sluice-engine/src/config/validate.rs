@@ -203,8 +203,12 @@ fn typed(
         }
         (FieldType::ByteSize, Value::Int(i)) if *i >= 0 => node.to_json(),
         (FieldType::ByteSize, Value::Str(s)) => {
-            if let Err(e) = parse_byte_size(s) {
-                let message = if secret || node.secret { hidden(ty) } else { e };
+            if let Err(e) = sluice_core::bytesize::parse(s) {
+                let message = if secret || node.secret {
+                    hidden(ty)
+                } else {
+                    e.to_string()
+                };
                 report.error(node.loc, path, message, None);
                 return None;
             }
@@ -302,28 +306,4 @@ fn hidden(ty: &FieldType) -> String {
         "expected {}; the value comes from `${{env:..}}` or `${{file:..}}` and is not shown",
         ty.describe()
     )
-}
-
-/// Parses `1048576`, `512KiB`, `10MiB`, `1GiB`, `64KB`, `1MB` into bytes.
-pub fn parse_byte_size(text: &str) -> Result<u64, String> {
-    let s = text.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let bad = || {
-        format!(
-            "`{text}` is not a size; write bytes as a number or with a unit, e.g. `512KiB`, `10MiB` (units: B, KB, KiB, MB, MiB, GB, GiB)"
-        )
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" | "kB" => 1_000,
-        "KiB" => 1 << 10,
-        "MB" => 1_000_000,
-        "MiB" => 1 << 20,
-        "GB" => 1_000_000_000,
-        "GiB" => 1 << 30,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(factor).ok_or_else(bad)
 }
