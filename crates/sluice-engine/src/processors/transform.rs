@@ -22,7 +22,8 @@ pub fn spec() -> ComponentSpec {
     )
     .description(
         "Runs a jq expression on the JSON body (`.`, with `$headers` and `$meta`) and makes its \
-result the new body (EIP Message Translator). Headers, metadata and acknowledgement are kept.\n\n\
+result the new body (EIP Message Translator). Headers, metadata and acknowledgement are kept, \
+except `content-type`, which becomes `application/json`.\n\n\
 * `outputs: one` (default): the expression must produce exactly one value; none or several is an \
 `expression` error (use `filter` to drop messages, `outputs: array` to collect several values).\n\
 * `outputs: array`: every output is collected into one array (none gives `[]`).\n\n\
@@ -103,6 +104,10 @@ impl Processor for Transform {
             }
         };
         msg.body = Body::from_json(value);
+        // The body is JSON now, whatever it was before: a reply or a forwarded request must not
+        // keep the incoming content type (a form post answered with JSON, say).
+        msg.headers
+            .insert("content-type".to_owned(), "application/json".to_owned());
         Ok(common::one(msg))
     }
 }
@@ -120,12 +125,14 @@ mod tests {
         let (token, rx) = AckToken::channel();
         let msg = Message::json(json!({"a": 1}))
             .with_header("h", "v")
+            .with_header("content-type", "application/x-www-form-urlencoded")
             .with_ack(token);
         let id = msg.id();
         let out = process(&step, msg).await.unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].body.json().unwrap(), &json!({"n": 2}));
         assert_eq!(out[0].headers["h"], "v");
+        assert_eq!(out[0].headers["content-type"], "application/json");
         assert_eq!(out[0].id(), id);
         out.into_iter().for_each(Message::ack);
         assert_eq!(rx.await.unwrap(), Outcome::Ack);

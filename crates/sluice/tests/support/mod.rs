@@ -73,11 +73,21 @@ impl Reply {
 
 /// Sends one request with a real HTTP client.
 pub async fn request(method: &str, url: &str, body: impl Into<Bytes>) -> Reply {
+    request_as(method, url, "application/json", body).await
+}
+
+/// Sends one request with the given content type (curl -d sends a form type, say).
+pub async fn request_as(
+    method: &str,
+    url: &str,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Reply {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = hyper::Request::builder()
         .method(method)
         .uri(url)
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .body(Full::new(body.into()))
         .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
