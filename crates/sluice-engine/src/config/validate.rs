@@ -190,29 +190,13 @@ fn typed(
         (FieldType::Float, Value::Float(_)) => node.to_json(),
         (FieldType::Bool, Value::Bool(b)) => Json::Bool(*b),
         (FieldType::Duration, Value::Str(s)) => {
-            if let Err(e) = sluice_core::duration::parse(s) {
-                let message = if secret || node.secret {
-                    hidden(ty)
-                } else {
-                    e.to_string()
-                };
-                report.error(node.loc, path, message, None);
-                return None;
-            }
-            node.to_json()
+            let parsed = sluice_core::duration::parse(s).map_err(|e| e.to_string());
+            parsed_scalar(parsed, ty, node, path, secret, report)?
         }
         (FieldType::ByteSize, Value::Int(i)) if *i >= 0 => node.to_json(),
         (FieldType::ByteSize, Value::Str(s)) => {
-            if let Err(e) = sluice_core::bytesize::parse(s) {
-                let message = if secret || node.secret {
-                    hidden(ty)
-                } else {
-                    e.to_string()
-                };
-                report.error(node.loc, path, message, None);
-                return None;
-            }
-            node.to_json()
+            let parsed = sluice_core::bytesize::parse(s).map_err(|e| e.to_string());
+            parsed_scalar(parsed, ty, node, path, secret, report)?
         }
         (FieldType::Enum(values), Value::Str(s)) => {
             if !values.contains(&s.as_str()) {
@@ -298,6 +282,30 @@ fn typed(
         }
     };
     Some(json)
+}
+
+/// The node's JSON when its text parsed as `ty`; otherwise reports the parser's message (or, for a
+/// secret, what was expected without the value).
+fn parsed_scalar<T>(
+    parsed: Result<T, String>,
+    ty: &FieldType,
+    node: &Node,
+    path: &str,
+    secret: bool,
+    report: &mut Reporter,
+) -> Option<Json> {
+    match parsed {
+        Ok(_) => Some(node.to_json()),
+        Err(message) => {
+            let message = if secret || node.secret {
+                hidden(ty)
+            } else {
+                message
+            };
+            report.error(node.loc, path, message, None);
+            None
+        }
+    }
 }
 
 /// The message for a secret value of the wrong form: says what is expected, never what was found.
