@@ -26,9 +26,11 @@ async fn quickstart_prices_an_order() {
     let runtime = start(&[flow], Some(port)).await;
     let url = format!("http://127.0.0.1:{port}/orders");
 
-    let ok = request(
+    // As `curl -d` sends it: a form content type, which the JSON reply must not echo.
+    let ok = request_as(
         "POST",
         &url,
+        "application/x-www-form-urlencoded",
         r#"{"name":"ada","items":[{"qty":2,"price":3.5}]}"#,
     )
     .await;
