@@ -104,7 +104,7 @@ pub fn load_with(
         }
         all.extend(report.finish());
     }
-    check_project(&project, registry, &mut all);
+    check_project(&project, &mut all);
     let mut diagnostics = Diagnostics(all);
     diagnostics.sort();
     if diagnostics.is_empty() {
@@ -732,8 +732,7 @@ fn tests_block(
 
 /// Checks across files: unique flow names, tests naming existing flows and targets, channels with
 /// both ends.
-fn check_project(project: &Project, registry: &Registry, out: &mut Vec<Diagnostic>) {
-    let _ = registry;
+fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
     let mut flows: BTreeMap<&str, &FlowDef> = BTreeMap::new();
     let diag = |file: &Arc<str>, loc: Loc, path: String, message: String, help: Option<String>| {
         Diagnostic {
