@@ -280,6 +280,29 @@ async fn append_sink_writes_body_and_separator_creating_parents() {
 }
 
 #[tokio::test]
+async fn envelope_content_keeps_id_headers_and_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dead.jsonl");
+    let res = Arc::new(Resources::default());
+    let sink = build_sink("file", json!({"path": path, "content": "envelope"}), &res).unwrap();
+    let json_msg = Message::json(json!({"a": 1})).with_header("sluice.error.kind", "timeout");
+    let text_msg = Message::bytes(&b"not json"[..]);
+    sink.deliver(&json_msg).await.unwrap();
+    sink.deliver(&text_msg).await.unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["id"], json!(json_msg.id().to_string()));
+    assert_eq!(lines[0]["headers"]["sluice.error.kind"], json!("timeout"));
+    assert_eq!(lines[0]["body"], json!({"a": 1}));
+    assert!(lines[0]["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(lines[1]["body"], json!("not json"));
+}
+
+#[tokio::test]
 async fn concurrent_appends_never_interleave() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.txt");

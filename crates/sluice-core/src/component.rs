@@ -59,7 +59,19 @@ pub trait Source: Send + 'static {
 pub trait Dispatch: Send + Sync + 'static {
     /// Runs the flow for `msg`.
     async fn dispatch(&self, msg: Message) -> Result<Vec<Message>, Failure>;
+
+    /// Takes `msg`'s place in the flow's order now and returns the rest of the work, for a
+    /// source that keeps several messages in flight: it calls `admit` in arrival order and
+    /// spawns what it returns, so a flow with `ordered_by` keeps per-key order. Awaiting `admit`
+    /// also applies the flow's concurrency limit (backpressure). By default nothing is taken.
+    async fn admit(self: Arc<Self>, msg: Message) -> Admitted {
+        Box::pin(async move { self.dispatch(msg).await })
+    }
 }
+
+/// The work left after [`Dispatch::admit`]: resolves like [`Dispatch::dispatch`].
+pub type Admitted =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Message>, Failure>> + Send>>;
 
 /// What a running source gets from the engine.
 #[derive(Clone)]
@@ -128,4 +140,10 @@ pub struct BuildContext<'a> {
     pub steps: &'a dyn StepBuilder,
     /// Process-wide shared resources.
     pub resources: &'a Arc<Resources>,
+    /// Runs a message through everything after this step: the rest of its pipeline, then the
+    /// rest of the enclosing pipelines, then the flow's targets; failures get the flow's error
+    /// handling. For messages a step produces outside a `process` call (an aggregation completed
+    /// by a timer, a resequencer releasing a held message). Sources and sinks have nothing after
+    /// them: theirs fails every message (a source uses [`SourceContext::dispatcher`]).
+    pub downstream: Arc<dyn Dispatch>,
 }

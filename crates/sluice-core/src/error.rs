@@ -28,6 +28,23 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    /// Every kind, in documentation order.
+    pub const ALL: [ErrorKind; 8] = [
+        ErrorKind::InvalidInput,
+        ErrorKind::Expression,
+        ErrorKind::Timeout,
+        ErrorKind::Remote,
+        ErrorKind::Unavailable,
+        ErrorKind::Io,
+        ErrorKind::Rejected,
+        ErrorKind::Internal,
+    ];
+
+    /// The snake_case names of every kind, for configuration enums.
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|k| k.as_str()).collect()
+    }
+
     /// The snake_case name used in flow files and problem bodies.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -16,10 +16,11 @@ pub mod message;
 pub mod registry;
 pub mod resources;
 pub mod spec;
+pub mod state;
 
 pub use ack::{AckToken, Outcome};
 pub use component::{
-    BuildContext, Dispatch, Outputs, Processor, Sink, Source, SourceContext, StepBuilder,
+    Admitted, BuildContext, Dispatch, Outputs, Processor, Sink, Source, SourceContext, StepBuilder,
 };
 pub use error::{BuildError, ErrorKind, Failure, ProcessError, SourceError};
 pub use message::{Body, ExchangePattern, Headers, Message, Metadata};

@@ -193,6 +193,20 @@ impl Message {
         Message::new(Body::from_bytes(bytes))
     }
 
+    /// A copy with the same id, headers, body and metadata but **no** acknowledgement shares:
+    /// for a record kept aside (the original of a message, for its dead letter) or a
+    /// fire-and-forget copy (a wire tap) that must not hold the source's acknowledgement.
+    pub fn detached(&self) -> Message {
+        Message {
+            id: self.id,
+            headers: self.headers.clone(),
+            body: self.body.clone(),
+            meta: self.meta.clone(),
+            pattern: self.pattern,
+            acks: SmallVec::new(),
+        }
+    }
+
     /// The message id (UUID v7: sortable by creation time).
     pub fn id(&self) -> Uuid {
         self.id
@@ -310,6 +324,21 @@ mod tests {
         let err = Body::from_bytes(&b"{oops"[..]).json().unwrap_err();
         assert!(err.to_string().contains("not valid JSON"), "{err}");
         assert_eq!(Body::from_bytes(&b"  \n"[..]).json().unwrap(), &Value::Null);
+    }
+
+    #[tokio::test]
+    async fn a_detached_copy_holds_no_share() {
+        let (token, rx) = crate::AckToken::channel();
+        let msg = Message::json(json!({"a": 1}))
+            .with_header("h", "v")
+            .with_ack(token);
+        let copy = msg.detached();
+        assert_eq!((copy.id(), copy.ack_count()), (msg.id(), 0));
+        assert_eq!(copy.headers["h"], "v");
+        msg.ack();
+        // The copy still exists: the source's outcome does not wait for it.
+        assert_eq!(rx.await.unwrap(), Outcome::Ack);
+        drop(copy);
     }
 
     #[test]

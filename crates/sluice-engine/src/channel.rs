@@ -153,6 +153,16 @@ fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, B
     }))
 }
 
+/// A sink into channel `name`, for steps that pick channels at run time (a recipient list, a wire
+/// tap). Like the `channel` target: waits while the channel is full, fails with `unavailable` when
+/// no flow reads it, and carries the message's acknowledgement to the reading flow.
+pub fn sender(resources: &sluice_core::Resources, name: &str) -> Arc<dyn Sink> {
+    Arc::new(ChannelSink {
+        name: name.to_owned(),
+        channels: resources.get_or_default::<Channels>(),
+    })
+}
+
 struct ChannelSink {
     name: String,
     channels: Arc<Channels>,
@@ -202,10 +212,11 @@ impl Source for ChannelSource {
                     None => break,
                 },
             };
-            let dispatcher = Arc::clone(&ctx.dispatcher);
+            // Admitted here, in channel order, so a flow's `ordered_by` keeps it per key.
+            let work = Arc::clone(&ctx.dispatcher).admit(msg).await;
             tokio::spawn(async move {
                 // The flow resolves the message's shares, on success and on failure alike.
-                let _ = dispatcher.dispatch(msg).await;
+                let _ = work.await;
                 drop(permit);
             });
         }

@@ -140,6 +140,14 @@ pub fn schema(registry: &Registry) -> Value {
         "steps".into(),
         json!({ "type": "array", "items": { "$ref": "#/$defs/processor" } }),
     );
+    defs.insert(
+        RETRY_KEY.into(),
+        json!({ "anyOf": [object_schema(&retry_fields()), { "type": "null" }] }),
+    );
+    defs.insert(
+        BREAKER_KEY.into(),
+        json!({ "anyOf": [object_schema(&breaker_fields()), { "type": "null" }] }),
+    );
     let message = json!({
         "type": "object", "additionalProperties": false,
         "properties": {
@@ -162,7 +170,11 @@ pub fn schema(registry: &Registry) -> Value {
                     "description": { "type": "string" },
                     "from": { "$ref": "#/$defs/source" },
                     "steps": { "$ref": "#/$defs/steps" },
-                    "to": { "oneOf": [ { "$ref": "#/$defs/sink" }, { "type": "array", "items": { "$ref": "#/$defs/sink" } } ] }
+                    "to": { "oneOf": [ { "$ref": "#/$defs/sink" }, { "type": "array", "items": { "$ref": "#/$defs/sink" } } ] },
+                    "on_error": { "$ref": "#/$defs/steps", "description": "steps run on a failed message; when they succeed the failure is handled" },
+                    "dead_letter": { "$ref": "#/$defs/sink", "description": "where messages that failed terminally go, with their original body and the error headers" },
+                    "concurrency": { "type": "integer", "minimum": 1, "maximum": 1_000_000, "default": DEFAULT_CONCURRENCY, "description": "messages in the flow at once; more wait (backpressure)" },
+                    "ordered_by": { "type": "string", "description": "jq key: messages with the same key are processed one at a time, in order" }
                 }
             }},
             "tests": tests_schema(&message)
@@ -170,6 +182,9 @@ pub fn schema(registry: &Registry) -> Value {
         "$defs": defs
     })
 }
+
+use crate::flow::DEFAULT_CONCURRENCY;
+use crate::resilience::{BREAKER_KEY, RETRY_KEY, breaker_fields, retry_fields};
 
 fn tests_schema(message: &Value) -> Value {
     let expectation = json!({
@@ -193,6 +208,7 @@ fn tests_schema(message: &Value) -> Value {
             "name": { "type": "string" },
             "flow": { "type": "string" },
             "input": message,
+            "inputs": { "type": "array", "items": message },
             "mocks": { "type": "object", "additionalProperties": message },
             "expect": { "type": "array", "items": expectation }
         }
@@ -213,7 +229,7 @@ fn entry_schema(spec: &ComponentSpec) -> Value {
         Some(field) => json!({ "anyOf": [config, type_schema(&field.ty)] }),
         None => json!({ "anyOf": [config, { "type": "null" }] }),
     };
-    json!({
+    let mut entry = json!({
         "type": "object",
         "description": spec.summary,
         "required": [spec.name],
@@ -223,7 +239,18 @@ fn entry_schema(spec: &ComponentSpec) -> Value {
             "id": { "type": "string", "pattern": "^[A-Za-z0-9_-]+$" },
             "description": { "type": "string" }
         }
-    })
+    });
+    // Steps and targets take error-handling policies next to their configuration.
+    if spec.kind != ComponentKind::Source
+        && let Some(properties) = entry.get_mut("properties").and_then(Value::as_object_mut)
+    {
+        properties.insert(RETRY_KEY.into(), json!({ "$ref": "#/$defs/retry" }));
+        properties.insert(
+            BREAKER_KEY.into(),
+            json!({ "$ref": "#/$defs/circuit_breaker" }),
+        );
+    }
+    entry
 }
 
 fn object_schema(fields: &[FieldSpec]) -> Value {

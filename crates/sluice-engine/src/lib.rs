@@ -12,7 +12,9 @@ pub mod config;
 pub mod docs;
 pub mod expr;
 pub mod flow;
+pub mod ordering;
 pub mod processors;
+pub mod resilience;
 pub mod runtime;
 pub mod testing;
 

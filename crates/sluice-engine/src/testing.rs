@@ -12,9 +12,12 @@ use crate::build::mock_body;
 use crate::build::{Captured, TestOverrides, build_flow};
 use crate::config::model::{ERROR_TARGET, Expectation, Project, REPLY_TARGET, TestDef};
 use crate::expr;
+use crate::flow::DEAD_LETTERED;
 
 /// How long one test may run before it fails.
 pub const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a test waits for each input's acknowledgement once the flow has returned.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The result of one test.
 #[derive(Debug, Clone)]
@@ -90,26 +93,59 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
             return result;
         }
     };
-    let (token, ack) = AckToken::channel();
-    let mut msg = Message::new(mock_body(&test.input.body))
-        .with_pattern(test.input.pattern.unwrap_or(ExchangePattern::InOut))
-        .with_ack(token);
-    msg.headers.extend(test.input.headers.clone());
-    msg.meta.origin = Some(Arc::from(def.name.as_str()));
-    let outcome = match tokio::time::timeout(TEST_TIMEOUT, flow.dispatch(msg)).await {
-        Ok(outcome) => outcome,
-        Err(_) => {
-            result.failures.push(format!(
-                "the flow did not finish within {}s",
-                TEST_TIMEOUT.as_secs()
-            ));
-            return result;
+    let mut acks = Vec::new();
+    let mut replies = Vec::new();
+    let mut error = None;
+    let mut dead_lettered = false;
+    for input in test.messages() {
+        let (token, ack) = AckToken::channel();
+        acks.push(ack);
+        let mut msg = Message::new(mock_body(&input.body))
+            .with_pattern(input.pattern.unwrap_or(ExchangePattern::InOut))
+            .with_ack(token);
+        msg.headers.extend(input.headers.clone());
+        msg.meta.origin = Some(Arc::from(def.name.as_str()));
+        match tokio::time::timeout(TEST_TIMEOUT, flow.dispatch(msg)).await {
+            Ok(Ok(mut out)) => replies.append(&mut out),
+            Ok(Err(failure)) => {
+                // A dead-lettered message is acknowledged on purpose: it is safe in the store.
+                dead_lettered |= failure.message.headers.contains_key(DEAD_LETTERED);
+                error.get_or_insert(failure.error);
+            }
+            Err(_) => {
+                result.failures.push(format!(
+                    "the flow did not finish within {}s",
+                    TEST_TIMEOUT.as_secs()
+                ));
+                return result;
+            }
         }
-    };
-    let (replies, error) = match outcome {
-        Ok(replies) => (replies, None),
-        Err(failure) => (Vec::new(), Some(failure.error)),
-    };
+    }
+    // The sources' acknowledgements: acked on success, nacked on failure; never left hanging.
+    // Waiting for them first also lets held messages (an aggregation completed by its timeout)
+    // reach the targets before the expectations look.
+    for (i, ack) in acks.into_iter().enumerate() {
+        let which = if test.inputs.len() > 1 {
+            format!("input {i}")
+        } else {
+            "the source".to_owned()
+        };
+        match tokio::time::timeout(ACK_TIMEOUT, ack).await {
+            Ok(Ok(Outcome::Ack)) if error.is_some() && !dead_lettered && test.inputs.len() <= 1 => {
+                result
+                    .failures
+                    .push("the source was acked although the flow failed".into())
+            }
+            Ok(Ok(Outcome::Nack(reason))) if error.is_none() => result.failures.push(format!(
+                "{which} was nacked although the flow succeeded: {reason}"
+            )),
+            Ok(Ok(_)) => {}
+            _ => result.failures.push(format!(
+                "{which}: the acknowledgement never resolved within {}s",
+                ACK_TIMEOUT.as_secs()
+            )),
+        }
+    }
     let expects_error = test.expect.iter().any(|e| e.target == ERROR_TARGET);
     if let (Some(error), false) = (&error, expects_error) {
         result
@@ -128,19 +164,6 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
             captured.take(&expectation.target)
         };
         check_messages(expectation, &messages, &label, &mut result.failures).await;
-    }
-    // The source's acknowledgement: acked on success, nacked on failure; never left hanging.
-    match tokio::time::timeout(Duration::from_secs(5), ack).await {
-        Ok(Ok(Outcome::Ack)) if error.is_some() => result
-            .failures
-            .push("the source was acked although the flow failed".into()),
-        Ok(Ok(Outcome::Nack(reason))) if error.is_none() => result.failures.push(format!(
-            "the source was nacked although the flow succeeded: {reason}"
-        )),
-        Ok(Ok(_)) => {}
-        _ => result
-            .failures
-            .push("the source's acknowledgement never resolved".into()),
     }
     result
 }

@@ -54,6 +54,10 @@ pub fn spec() -> ComponentSpec {
                 .default_value(false),
         )
         .field(
+            FieldSpec::new("content", FieldType::Enum(vec!["body", "envelope"]), "What is written: the body as it is, or an envelope `{\"id\", \"created_at\", \"headers\", \"body\"}` as one line of JSON (the body as JSON, or as a string when it is not JSON), which keeps the headers: use it for dead letters.")
+                .default_value("body"),
+        )
+        .field(
             FieldSpec::new("separator", FieldType::String, "Written after each message in `append` mode.")
                 .default_value("\n"),
         )
@@ -92,6 +96,44 @@ pub struct FileSinkConfig {
     /// Separator after each message (append).
     #[serde(default = "default_separator")]
     pub separator: String,
+    /// The body alone, or an envelope with the headers.
+    #[serde(default)]
+    pub content: Content,
+}
+
+/// What the sink writes of a message.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Content {
+    /// The body bytes.
+    #[default]
+    Body,
+    /// One JSON object with id, creation time, headers and body.
+    Envelope,
+}
+
+fn rfc3339(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The bytes written for `msg`.
+fn payload(content: Content, msg: &Message) -> bytes::Bytes {
+    match content {
+        Content::Body => msg.body.as_bytes().clone(),
+        Content::Envelope => {
+            let body = match msg.body.json() {
+                Ok(value) => value.clone(),
+                Err(_) => Value::String(msg.body.to_text()),
+            };
+            let envelope = serde_json::json!({
+                "id": msg.id().to_string(),
+                "created_at": rfc3339(msg.meta.created_at),
+                "headers": msg.headers,
+                "body": body,
+            });
+            bytes::Bytes::from(envelope.to_string())
+        }
+    }
 }
 
 fn default_mode() -> Mode {
@@ -106,6 +148,7 @@ fn default_separator() -> String {
 pub struct FileSink {
     path: PathBuf,
     fsync: bool,
+    content: Content,
     kind: Kind,
 }
 
@@ -168,6 +211,7 @@ pub fn build(config: &Value, _ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, B
     Ok(Arc::new(FileSink {
         path: c.path,
         fsync: c.fsync,
+        content: c.content,
         kind,
     }))
 }
@@ -196,8 +240,9 @@ impl FileSink {
         separator: &[u8],
         slot: &Mutex<Option<tokio::fs::File>>,
     ) -> Result<(), ProcessError> {
-        let mut record = Vec::with_capacity(msg.body.len() + separator.len());
-        record.extend_from_slice(msg.body.as_bytes());
+        let payload = payload(self.content, msg);
+        let mut record = Vec::with_capacity(payload.len() + separator.len());
+        record.extend_from_slice(&payload);
         record.extend_from_slice(separator);
         let mut guard = slot.lock().await;
         if guard.is_none() {
@@ -249,7 +294,7 @@ impl FileSink {
             ".{file_name}.tmp-{}",
             uuid::Uuid::now_v7().simple()
         ));
-        let body = msg.body.as_bytes().clone();
+        let body = payload(self.content, msg);
         let fsync = self.fsync;
         let result = async {
             let mut file = tokio::fs::File::create(&temp_path).await?;

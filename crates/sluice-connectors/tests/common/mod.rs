@@ -30,6 +30,16 @@ impl StepBuilder for NoSteps {
     }
 }
 
+/// Connector tests never emit downstream; a call is a test failure.
+pub struct NoDownstream;
+
+#[async_trait::async_trait]
+impl Dispatch for NoDownstream {
+    async fn dispatch(&self, msg: Message) -> Result<Vec<Message>, Failure> {
+        panic!("unexpected downstream emission of {}", msg.id())
+    }
+}
+
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     sluice_connectors::register_all(&mut r);
@@ -54,6 +64,7 @@ pub fn ctx<'a>(resources: &'a Arc<Resources>) -> BuildContext<'a> {
         id: "step-1",
         steps: &NoSteps,
         resources,
+        downstream: Arc::new(NoDownstream),
     }
 }
 

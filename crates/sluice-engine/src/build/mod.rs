@@ -19,7 +19,10 @@ pub use mock::test_body as mock_body;
 use crate::config::model::{ComponentUse, FlowDef, Project, TestMessage};
 use crate::config::{Diagnostic, Diagnostics};
 use crate::expr;
-use crate::flow::{Flow, Pipeline, Step, Target};
+use crate::flow::{
+    DEFAULT_CONCURRENCY, Downstream, Flow, FlowOptions, FlowSlot, Pipeline, Step, StepsSlot, Target,
+};
+use crate::resilience;
 
 /// Everything built from a project, ready to run.
 pub struct Topology {
@@ -88,6 +91,9 @@ pub fn build_source(
         resources,
         diags: &diags,
         mocks: None,
+        // A source dispatches through its SourceContext; nothing comes after it.
+        downstream: unconnected(),
+        flow: FlowSlot::default(),
     };
     let Some((_, Factory::Source(factory))) =
         registry.get(ComponentKind::Source, &def.from.component)
@@ -105,6 +111,7 @@ pub fn build_flow(
     overrides: &TestOverrides<'_>,
 ) -> Result<Arc<Flow>, Vec<Diagnostic>> {
     let diags = Mutex::new(Vec::new());
+    let flow_slot = FlowSlot::default();
     let pipeline = build_steps(
         def,
         &def.steps,
@@ -112,9 +119,9 @@ pub fn build_flow(
         resources,
         &diags,
         overrides.mocks,
+        (None, &flow_slot),
     );
-    let mut targets = Vec::new();
-    for target in &def.to {
+    let build_target = |target: &ComponentUse| -> Option<Target> {
         let ctx = Ctx {
             registry,
             def,
@@ -122,37 +129,95 @@ pub fn build_flow(
             resources,
             diags: &diags,
             mocks: overrides.mocks,
+            downstream: unconnected(),
+            flow: Arc::clone(&flow_slot),
         };
         let sink: Result<Arc<dyn Sink>, BuildError> =
             match registry.get(ComponentKind::Sink, &target.component) {
                 Some((_, Factory::Sink(factory))) => factory(&target.config, &ctx.build_context()),
                 _ => Err(BuildError::new("component is not registered as a sink")),
             };
+        let sink = sink.and_then(|s| ctx.with_sink_policies(s));
         match (sink, overrides.captures) {
             // Build the real sink even in tests, so its configuration errors still surface.
-            (Ok(_), Some(captured)) => targets.push(Target {
+            (Ok(_), Some(captured)) => Some(Target {
                 id: target.id.clone(),
                 sink: Arc::new(CaptureSink::new(target.id.clone(), captured.clone())),
             }),
-            (Ok(sink), None) => targets.push(Target {
+            (Ok(sink), None) => Some(Target {
                 id: target.id.clone(),
                 sink,
             }),
-            (Err(e), _) => ctx.report(&e),
+            (Err(e), _) => {
+                ctx.report(&e);
+                None
+            }
         }
-    }
+    };
+    let targets: Vec<Target> = def.to.iter().filter_map(build_target).collect();
+    let dead_letter = def.handling.dead_letter.as_ref().and_then(build_target);
+    let on_error = (!def.handling.on_error.is_empty()).then(|| {
+        build_steps(
+            def,
+            &def.handling.on_error,
+            registry,
+            resources,
+            &diags,
+            overrides.mocks,
+            (None, &flow_slot),
+        )
+    });
+    let ordered_by = def.handling.ordered_by.as_ref().and_then(|code| {
+        match expr::jq::compile(code, expr::jq::JqLimits::default()) {
+            Ok(program) => Some(program),
+            Err(e) => {
+                if let Ok(mut d) = diags.lock() {
+                    d.push(Diagnostic {
+                        file: Arc::clone(&def.file),
+                        loc: def.loc,
+                        path: format!("{}.ordered_by", def.name),
+                        message: format!("invalid jq expression: {}", e.message),
+                        help: None,
+                    });
+                }
+                None
+            }
+        }
+    });
+    let options = FlowOptions {
+        on_error,
+        dead_letter,
+        concurrency: def.handling.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+        ordered_by,
+    };
     let problems = diags.into_inner().unwrap_or_default();
     if problems.is_empty() {
-        Ok(Arc::new(Flow::new(
+        let flow = Arc::new(Flow::with_options(
             Arc::from(def.name.as_str()),
             pipeline,
             targets,
-        )))
+            options,
+        ));
+        // Steps emitting downstream reach the flow from now on.
+        let _ = flow_slot.set(Arc::downgrade(&flow));
+        Ok(flow)
     } else {
         Err(problems)
     }
 }
 
+/// A downstream that belongs to no pipeline: for sources and sinks.
+fn unconnected() -> Arc<Downstream> {
+    Arc::new(Downstream::new(
+        StepsSlot::default(),
+        0,
+        None,
+        FlowSlot::default(),
+    ))
+}
+
+/// Builds `steps` as one pipeline. `outer` is what follows the pipeline when it is nested (the
+/// downstream of the step that owns it), `None` at the top of the flow.
 fn build_steps(
     def: &FlowDef,
     steps: &[ComponentUse],
@@ -160,9 +225,11 @@ fn build_steps(
     resources: &Arc<Resources>,
     diags: &Mutex<Vec<Diagnostic>>,
     mocks: Option<&BTreeMap<String, TestMessage>>,
+    (outer, flow): (Option<Arc<Downstream>>, &FlowSlot),
 ) -> Pipeline {
+    let slot = StepsSlot::default();
     let mut built = Vec::new();
-    for step in steps {
+    for (index, step) in steps.iter().enumerate() {
         let ctx = Ctx {
             registry,
             def,
@@ -170,6 +237,13 @@ fn build_steps(
             resources,
             diags,
             mocks,
+            downstream: Arc::new(Downstream::new(
+                Arc::clone(&slot),
+                index + 1,
+                outer.clone(),
+                Arc::clone(flow),
+            )),
+            flow: Arc::clone(flow),
         };
         let processor: Result<Arc<dyn Processor>, BuildError> = match registry
             .get(ComponentKind::Processor, &step.component)
@@ -179,6 +253,7 @@ fn build_steps(
                 "component is not registered as a processor",
             )),
         };
+        let processor = processor.and_then(|p| ctx.with_step_policies(p));
         match processor {
             Ok(processor) => {
                 let processor = match mocks.and_then(|m| m.get(&step.id)) {
@@ -195,7 +270,9 @@ fn build_steps(
             Err(e) => ctx.report(&e),
         }
     }
-    Pipeline::new(built)
+    let built: Arc<[Step]> = built.into();
+    let _ = slot.set(Arc::clone(&built));
+    Pipeline::shared(built)
 }
 
 /// Build context of one component: reports its errors at the right place, builds its nested steps.
@@ -206,6 +283,10 @@ struct Ctx<'a> {
     resources: &'a Arc<Resources>,
     diags: &'a Mutex<Vec<Diagnostic>>,
     mocks: Option<&'a BTreeMap<String, TestMessage>>,
+    /// What follows this component.
+    downstream: Arc<Downstream>,
+    /// The flow being built, for the downstreams of nested steps.
+    flow: FlowSlot,
 }
 
 /// Marks a [`BuildError`] whose diagnostics were already recorded with their exact location.
@@ -218,6 +299,7 @@ impl Ctx<'_> {
             id: &self.owner.id,
             steps: self,
             resources: self.resources,
+            downstream: Arc::clone(&self.downstream) as Arc<dyn sluice_core::Dispatch>,
         }
     }
 
@@ -246,6 +328,91 @@ impl Ctx<'_> {
         if let Ok(mut diags) = self.diags.lock() {
             diags.push(d);
         }
+    }
+}
+
+impl Ctx<'_> {
+    /// The breaker of this component, if it has one.
+    fn breaker(&self) -> Result<Option<Arc<resilience::breaker::CircuitBreaker>>, BuildError> {
+        let Some(config) = &self.owner.policies.circuit_breaker else {
+            return Ok(None);
+        };
+        let config = resilience::breaker_config(config).map_err(policy_error)?;
+        let name = format!("{}/{}", self.def.name, self.owner.id);
+        Ok(Some(resilience::new_breaker(name, config, self.resources)))
+    }
+
+    fn retry(&self) -> Result<Option<resilience::retry::RetryPolicy>, BuildError> {
+        self.owner
+            .policies
+            .retry
+            .as_ref()
+            .map(resilience::retry_policy)
+            .transpose()
+            .map_err(policy_error)
+    }
+
+    /// Wraps a built step in its `retry:` and `circuit_breaker:` (with its fallback steps).
+    fn with_step_policies(
+        &self,
+        step: Arc<dyn Processor>,
+    ) -> Result<Arc<dyn Processor>, BuildError> {
+        let retry = self.retry()?;
+        let breaker = match self.breaker()? {
+            Some(breaker) => Some(resilience::GuardedBy {
+                breaker,
+                fallback: self.fallback()?,
+            }),
+            None => None,
+        };
+        Ok(resilience::wrap_step(step, retry, breaker))
+    }
+
+    /// Wraps a built target in its `retry:` and `circuit_breaker:`.
+    fn with_sink_policies(&self, sink: Arc<dyn Sink>) -> Result<Arc<dyn Sink>, BuildError> {
+        Ok(resilience::wrap_sink(sink, self.retry()?, self.breaker()?))
+    }
+
+    /// The breaker's `fallback` steps; what they output continues after this step.
+    fn fallback(&self) -> Result<Option<Arc<dyn Processor>>, BuildError> {
+        let policies = &self.owner.policies;
+        let Some(node) = policies.node.as_ref().and_then(|n| n.get("fallback")) else {
+            return Ok(None);
+        };
+        let path = format!("{}.fallback", policies.path);
+        let id_prefix = format!("{}.fallback", self.owner.id);
+        let uses = crate::config::load::nested_steps(
+            self.registry,
+            node,
+            &path,
+            &id_prefix,
+            &self.def.file,
+        )
+        .map_err(|d| {
+            if let Ok(mut diags) = self.diags.lock() {
+                diags.extend(d);
+            }
+            BuildError::new(ALREADY_REPORTED)
+        })?;
+        let pipeline = build_steps(
+            self.def,
+            &uses,
+            self.registry,
+            self.resources,
+            self.diags,
+            self.mocks,
+            (Some(Arc::clone(&self.downstream)), &self.flow),
+        );
+        Ok(Some(Arc::new(pipeline)))
+    }
+}
+
+/// A policy's error is located at the component: its field is not inside the component's own
+/// configuration, so it is named in the message instead.
+fn policy_error(e: BuildError) -> BuildError {
+    match e.field {
+        Some(field) => BuildError::new(format!("`{field}`: {}", e.message)),
+        None => e,
     }
 }
 
@@ -283,6 +450,7 @@ impl StepBuilder for Ctx<'_> {
             self.resources,
             self.diags,
             self.mocks,
+            (Some(Arc::clone(&self.downstream)), &self.flow),
         );
         let after = self.diags.lock().map_or(0, |d| d.len());
         if after > before {

@@ -9,15 +9,29 @@ use sluice_core::spec::{ComponentKind, FieldSpec, FieldType};
 
 use super::diag::{Diagnostic, Diagnostics, Reporter, suggest};
 use super::interpolate::{Lookup, ProcessEnv, interpolate};
-use super::model::{ComponentUse, ERROR_TARGET, FlowDef, FlowFile, Project, REPLY_TARGET, TestDef};
+use super::model::{
+    ComponentUse, ERROR_TARGET, FlowDef, FlowFile, FlowHandling, Policies, Project, REPLY_TARGET,
+    TestDef,
+};
 use super::node::{self, Loc, Node, Value};
 use super::validate::{self, Checker};
 use crate::expr;
+use crate::resilience::{BREAKER_KEY, RETRY_KEY, breaker_fields, retry_fields};
 
 /// Keys a step, source or target entry may carry beside its component key.
-const ENTRY_KEYS: [&str; 2] = ["id", "description"];
+const ENTRY_KEYS: [&str; 4] = ["id", "description", RETRY_KEY, BREAKER_KEY];
 /// Keys a flow may have.
-const FLOW_KEYS: [&str; 5] = ["name", "description", "from", "steps", "to"];
+const FLOW_KEYS: [&str; 9] = [
+    "name",
+    "description",
+    "from",
+    "steps",
+    "to",
+    "on_error",
+    "dead_letter",
+    "concurrency",
+    "ordered_by",
+];
 /// Keys a file may have at the top.
 const FILE_KEYS: [&str; 2] = ["flows", "tests"];
 /// Largest flow file read, so a stray multi-gigabyte file is an error, not an outage.
@@ -332,9 +346,15 @@ fn flow_def(
         )
         .map(|c| vec![c]),
     };
-    let (name, from, steps, to) = (name?, from?, steps?, to?);
+    let handling = flow_handling(node, path, checker, report);
+    let (name, from, steps, to, handling) = (name?, from?, steps?, to?, handling?);
     let mut ids = BTreeSet::new();
-    for c in steps.iter().chain(to.iter()) {
+    for c in steps
+        .iter()
+        .chain(to.iter())
+        .chain(handling.on_error.iter())
+        .chain(handling.dead_letter.iter())
+    {
         if !ids.insert(c.id.clone()) {
             report.error(
                 c.loc,
@@ -359,6 +379,65 @@ fn flow_def(
         from,
         steps,
         to,
+        handling,
+    })
+}
+
+/// A flow's `on_error`, `dead_letter`, `concurrency` and `ordered_by`.
+fn flow_handling(
+    node: &Node,
+    path: &str,
+    checker: &LoadChecker<'_>,
+    report: &mut Reporter,
+) -> Option<FlowHandling> {
+    let before = report.count();
+    let on_error = match node.get("on_error") {
+        Some(n) => step_list(n, &format!("{path}.on_error"), "on_error", checker, report)
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let dead_letter = node.get("dead_letter").and_then(|n| {
+        entry(
+            n,
+            ComponentKind::Sink,
+            &format!("{path}.dead_letter"),
+            "dead_letter".into(),
+            checker,
+            report,
+        )
+    });
+    let concurrency = node.get("concurrency").and_then(|n| {
+        let spec = FieldType::Integer {
+            min: Some(1),
+            max: Some(1_000_000),
+        };
+        validate::typed(
+            &spec,
+            n,
+            &format!("{path}.concurrency"),
+            false,
+            checker,
+            report,
+        )
+        .and_then(|v| v.as_u64())
+        .and_then(|v| usize::try_from(v).ok())
+    });
+    let ordered_by = node.get("ordered_by").and_then(|n| {
+        validate::typed(
+            &FieldType::Jq,
+            n,
+            &format!("{path}.ordered_by"),
+            false,
+            checker,
+            report,
+        )
+        .and_then(|v| v.as_str().map(str::to_owned))
+    });
+    (report.count() == before).then_some(FlowHandling {
+        on_error,
+        dead_letter,
+        concurrency,
+        ordered_by,
     })
 }
 
@@ -445,7 +524,12 @@ fn entry(
     };
     let mut id = default_id;
     let mut component: Option<(&node::Key, Option<&Node>)> = None;
+    let mut policies = Policies::default();
     for (key, value) in entries {
+        if key.name == RETRY_KEY || key.name == BREAKER_KEY {
+            policies.read(key, value, kind, path, checker, report);
+            continue;
+        }
         if ENTRY_KEYS.contains(&key.name.as_str()) {
             if key.name == "id" {
                 match value.and_then(Node::as_str) {
@@ -529,7 +613,70 @@ fn entry(
         node: config_node.clone(),
         path: config_path,
         loc: key.loc,
+        policies,
     })
+}
+
+impl Policies {
+    /// Reads a `retry:` or `circuit_breaker:` key of an entry.
+    fn read(
+        &mut self,
+        key: &node::Key,
+        value: Option<&Node>,
+        kind: ComponentKind,
+        path: &str,
+        checker: &LoadChecker<'_>,
+        report: &mut Reporter,
+    ) {
+        let key_path = format!("{path}.{}", key.name);
+        if kind == ComponentKind::Source {
+            report.error(
+                key.loc,
+                &key_path,
+                format!("`{}` is not available on a source", key.name),
+                Some("a source redelivers by its own means; put the policy on the step or target that fails".into()),
+            );
+            return;
+        }
+        let Some(node) = value else { return };
+        // `retry: {}` takes every default; so does a bare `retry:`.
+        let empty = Node {
+            value: Value::Map(Vec::new()),
+            loc: node.loc,
+            secret: false,
+        };
+        let node = if matches!(node.value, Value::Null) {
+            &empty
+        } else {
+            node
+        };
+        if key.name == RETRY_KEY {
+            let json =
+                validate::object(&retry_fields(), node, &key_path, RETRY_KEY, checker, report);
+            self.retry = Some(json);
+        } else {
+            if kind == ComponentKind::Sink && node.get("fallback").is_some() {
+                report.error(
+                    key.loc,
+                    &format!("{key_path}.fallback"),
+                    "a target's circuit breaker has no `fallback`",
+                    Some("a target has no output to replace; put the call in a step to use a fallback".into()),
+                );
+                return;
+            }
+            let json = validate::object(
+                &breaker_fields(),
+                node,
+                &key_path,
+                BREAKER_KEY,
+                checker,
+                report,
+            );
+            self.circuit_breaker = Some(json);
+            self.node = Some(node.clone());
+            self.path = key_path;
+        }
+    }
 }
 
 fn noun(kind: ComponentKind) -> &'static str {
@@ -630,6 +777,11 @@ fn test_fields() -> Vec<FieldSpec> {
         FieldSpec::new("flow", FieldType::String, "the flow under test").required(),
         FieldSpec::new("input", message(), "the injected message"),
         FieldSpec::new(
+            "inputs",
+            FieldType::List(Box::new(message())),
+            "several injected messages, dispatched one after the other (instead of `input`)",
+        ),
+        FieldSpec::new(
             "mocks",
             FieldType::Map(Box::new(message())),
             "canned results by step id",
@@ -671,16 +823,7 @@ fn test_fields() -> Vec<FieldSpec> {
                     FieldType::Object(vec![
                         FieldSpec::new(
                             "kind",
-                            FieldType::Enum(vec![
-                                "invalid_input",
-                                "expression",
-                                "timeout",
-                                "remote",
-                                "unavailable",
-                                "io",
-                                "rejected",
-                                "internal",
-                            ]),
+                            FieldType::Enum(sluice_core::ErrorKind::names()),
                             "error kind",
                         ),
                         FieldSpec::new("contains", FieldType::String, "text in the error"),
@@ -719,6 +862,14 @@ fn tests_block(
             continue;
         }
         match serde_json::from_value::<TestDef>(json) {
+            Ok(_) if item.at_path("input").is_some() && item.at_path("inputs").is_some() => {
+                report.error(
+                    item.loc,
+                    &path,
+                    "a test has `input` or `inputs`, not both",
+                    Some("put the single message first in `inputs`".into()),
+                );
+            }
             Ok(mut test) => {
                 test.file = Some(Arc::clone(file));
                 test.loc = item.loc;
@@ -825,7 +976,12 @@ fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
             for (j, e) in test.expect.iter().enumerate() {
                 let known = e.target == REPLY_TARGET
                     || e.target == ERROR_TARGET
-                    || flow.to.iter().any(|t| t.id == e.target);
+                    || flow.to.iter().any(|t| t.id == e.target)
+                    || flow
+                        .handling
+                        .dead_letter
+                        .as_ref()
+                        .is_some_and(|t| t.id == e.target);
                 if !known {
                     let ids: Vec<&str> = flow
                         .to

@@ -54,6 +54,21 @@ pub struct FlowDef {
     pub steps: Vec<ComponentUse>,
     /// `to:`.
     pub to: Vec<ComponentUse>,
+    /// Error handling, concurrency and ordering.
+    pub handling: FlowHandling,
+}
+
+/// A flow's error handling and admission settings.
+#[derive(Debug, Clone, Default)]
+pub struct FlowHandling {
+    /// `on_error:` steps, run on a failed message.
+    pub on_error: Vec<ComponentUse>,
+    /// `dead_letter:` target for messages that failed terminally.
+    pub dead_letter: Option<ComponentUse>,
+    /// `concurrency:` messages in the flow at once.
+    pub concurrency: Option<usize>,
+    /// `ordered_by:` jq key for per-key ordering.
+    pub ordered_by: Option<String>,
 }
 
 /// One use of a component in a flow, validated.
@@ -73,6 +88,21 @@ pub struct ComponentUse {
     pub path: String,
     /// Where the component's key is.
     pub loc: Loc,
+    /// `retry:` and `circuit_breaker:` written next to the component.
+    pub policies: Policies,
+}
+
+/// The error-handling policies of one step or target, validated (defaults filled).
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    /// `retry:`.
+    pub retry: Option<Json>,
+    /// `circuit_breaker:`.
+    pub circuit_breaker: Option<Json>,
+    /// The `circuit_breaker:` node as written, for its `fallback` steps.
+    pub node: Option<Node>,
+    /// The field path of `circuit_breaker:`.
+    pub path: String,
 }
 
 /// A flow test from a `tests:` block.
@@ -86,6 +116,9 @@ pub struct TestDef {
     /// The message injected in place of the flow's source.
     #[serde(default)]
     pub input: TestMessage,
+    /// Several messages injected one after the other, instead of `input`.
+    #[serde(default)]
+    pub inputs: Vec<TestMessage>,
     /// Step ids whose processing is replaced by a canned result (a remote call, say).
     #[serde(default)]
     pub mocks: BTreeMap<String, TestMessage>,
@@ -98,6 +131,17 @@ pub struct TestDef {
     /// Set by the loader.
     #[serde(skip)]
     pub loc: Loc,
+}
+
+impl TestDef {
+    /// The messages to inject, in order: `inputs`, or the single `input`.
+    pub fn messages(&self) -> Vec<&TestMessage> {
+        if self.inputs.is_empty() {
+            vec![&self.input]
+        } else {
+            self.inputs.iter().collect()
+        }
+    }
 }
 
 /// A message written in a test.

@@ -163,7 +163,7 @@ fn mismatch(ty: &FieldType, node: &Node, path: &str, secret: bool, report: &mut 
     );
 }
 
-fn typed(
+pub(crate) fn typed(
     ty: &FieldType,
     node: &Node,
     path: &str,

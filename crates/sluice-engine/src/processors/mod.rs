@@ -1,14 +1,22 @@
 //! Built-in processors (steps), one file each, named after the Enterprise Integration Patterns
 //! they implement where one applies.
 
+mod cache;
 mod choice;
+mod claim_check;
 mod common;
+mod delay;
 mod filter;
+mod idempotent_consumer;
 mod log;
+mod message_key;
+mod named_store;
 mod remove_header;
 mod set_header;
 mod template;
+mod throttle;
 mod transform;
+mod try_catch;
 
 #[cfg(test)]
 pub(crate) mod testkit;
@@ -24,7 +32,13 @@ pub fn register_all(registry: &mut Registry) {
         .processor(remove_header::spec(), remove_header::build)
         .processor(filter::spec(), filter::build)
         .processor(choice::spec(), choice::build)
-        .processor(log::spec(), log::build);
+        .processor(log::spec(), log::build)
+        .processor(try_catch::spec(), try_catch::build)
+        .processor(idempotent_consumer::spec(), idempotent_consumer::build)
+        .processor(throttle::spec(), throttle::build)
+        .processor(delay::spec(), delay::build)
+        .processor(cache::spec(), cache::build)
+        .processor(claim_check::spec(), claim_check::build);
 }
 
 #[cfg(test)]
@@ -41,13 +55,19 @@ mod tests {
         assert_eq!(
             names,
             [
+                "cache",
                 "choice",
+                "claim_check",
+                "delay",
                 "filter",
+                "idempotent_consumer",
                 "log",
                 "remove_header",
                 "set_header",
                 "template",
-                "transform"
+                "throttle",
+                "transform",
+                "try"
             ]
         );
         for spec in registry.specs() {

@@ -2,7 +2,7 @@
 //! `register_all` and runs the steps in sequence. The engine's real builder is exercised by
 //! flow-level tests.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
@@ -10,7 +10,7 @@ use sluice_core::component::{JqProgram, StepBuilder};
 use sluice_core::registry::Factory;
 use sluice_core::spec::ComponentKind;
 use sluice_core::{
-    BuildContext, BuildError, Failure, Message, Outputs, Processor, Registry, Resources,
+    BuildContext, BuildError, Dispatch, Failure, Message, Outputs, Processor, Registry, Resources,
 };
 
 use crate::expr::jq::{self, JqLimits};
@@ -18,6 +18,34 @@ use crate::expr::jq::{self, JqLimits};
 pub(crate) struct TestSteps {
     registry: Registry,
     resources: Arc<Resources>,
+    downstream: Arc<Collected>,
+}
+
+/// Stands for everything after the step under test: records what the step emits downstream,
+/// acknowledgement shares included, so a test can inspect and resolve them.
+#[derive(Default)]
+pub(crate) struct Collected(Mutex<Vec<Message>>);
+
+// Used by the tests of steps that emit downstream.
+#[allow(dead_code)]
+impl Collected {
+    /// The messages emitted so far, oldest first; the record is emptied.
+    pub(crate) fn take(&self) -> Vec<Message> {
+        self.0
+            .lock()
+            .map(|mut v| std::mem::take(&mut *v))
+            .unwrap_or_default()
+    }
+}
+
+#[async_trait]
+impl Dispatch for Collected {
+    async fn dispatch(&self, msg: Message) -> Result<Vec<Message>, Failure> {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(msg);
+        }
+        Ok(Vec::new())
+    }
 }
 
 impl TestSteps {
@@ -27,6 +55,7 @@ impl TestSteps {
         TestSteps {
             registry,
             resources: Arc::new(Resources::default()),
+            downstream: Arc::default(),
         }
     }
 
@@ -50,6 +79,7 @@ impl TestSteps {
             id: name,
             steps: self,
             resources: &self.resources,
+            downstream: Arc::clone(&self.downstream) as Arc<dyn Dispatch>,
         };
         factory(&config, &ctx)
     }
@@ -104,6 +134,20 @@ pub(crate) fn try_build(name: &str, config: &Value) -> Result<Arc<dyn Processor>
 pub(crate) fn build_one(name: &str, config: Value) -> Arc<dyn Processor> {
     match try_build(name, &config) {
         Ok(step) => step,
+        Err(e) => panic!("building `{name}` failed: {e}"),
+    }
+}
+
+/// Builds one step whose downstream emissions are recorded.
+#[allow(dead_code)]
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn build_with_downstream(
+    name: &str,
+    config: Value,
+) -> (Arc<dyn Processor>, Arc<Collected>) {
+    let steps = TestSteps::new();
+    match steps.build_step(name, &config) {
+        Ok(step) => (step, Arc::clone(&steps.downstream)),
         Err(e) => panic!("building `{name}` failed: {e}"),
     }
 }

@@ -1,0 +1,95 @@
+//! Storage behind stateful steps: the idempotent consumer's repository, the cache's store and the
+//! claim check's store.
+//!
+//! The engine ships in-memory implementations; a persistent store or a remote one (Redis) can
+//! implement the same traits. Keys are strings and lifetimes are durations so any key-value
+//! system with expiry can back them. Errors are [`ProcessError`]s: use
+//! [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable) when the backing system cannot be
+//! reached or is full for now (the message may be retried), and
+//! [`ErrorKind::Rejected`](crate::ErrorKind::Rejected) when the request can never succeed (a value
+//! larger than the whole store).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::ProcessError;
+use crate::message::{Body, Headers};
+
+/// What [`IdempotentRepository::try_claim`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free (never seen, released, or expired); it is now held by the caller.
+    Claimed,
+    /// The key is held by a message in flight or was recorded as processed and has not expired.
+    Duplicate,
+}
+
+/// Remembers which message keys were seen, for the idempotent consumer (EIP Idempotent Receiver).
+///
+/// # Contract
+/// * [`try_claim`](Self::try_claim) is atomic: of several concurrent claims of one free key,
+///   exactly one returns [`Claim::Claimed`]. The claim lasts `ttl` unless confirmed or released.
+/// * [`confirm`](Self::confirm) records the key as processed for `ttl` from now, whether or not it
+///   was claimed before (the on-completion mode records keys only here).
+/// * [`release`](Self::release) forgets a key so a redelivery of the message is processed again;
+///   releasing an unknown key does nothing.
+/// * [`contains`](Self::contains) says whether the key is claimed or recorded and not expired.
+/// * An expired key behaves as if it was never seen.
+#[async_trait]
+pub trait IdempotentRepository: Send + Sync + 'static {
+    /// Claims `key` for `ttl` if it is free.
+    async fn try_claim(&self, key: &str, ttl: Duration) -> Result<Claim, ProcessError>;
+
+    /// Records `key` as processed for `ttl` from now.
+    async fn confirm(&self, key: &str, ttl: Duration) -> Result<(), ProcessError>;
+
+    /// Forgets `key`.
+    async fn release(&self, key: &str) -> Result<(), ProcessError>;
+
+    /// Whether `key` is claimed or recorded.
+    async fn contains(&self, key: &str) -> Result<bool, ProcessError>;
+}
+
+/// A cached result: the body and the headers chosen to be kept with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedValue {
+    /// The body to put on a message that hits the cache.
+    pub body: Body,
+    /// Headers to set on a message that hits the cache.
+    pub headers: Headers,
+}
+
+/// A key-value store with expiry, for the `cache` step.
+///
+/// # Contract
+/// * [`get`](Self::get) returns a value stored by [`put`](Self::put) under the same key whose
+///   `ttl` has not elapsed, or `None`.
+/// * `put` replaces any value under the key. A store may evict values before they expire to stay
+///   within its bounds (a cache miss is always allowed).
+#[async_trait]
+pub trait CacheStore: Send + Sync + 'static {
+    /// The value under `key`, if present and not expired.
+    async fn get(&self, key: &str) -> Result<Option<CachedValue>, ProcessError>;
+
+    /// Stores `value` under `key` for `ttl`.
+    async fn put(&self, key: &str, value: CachedValue, ttl: Duration) -> Result<(), ProcessError>;
+}
+
+/// Keeps message bodies while a claim travels instead (EIP Claim Check).
+///
+/// # Contract
+/// * [`check_in`](Self::check_in) keeps `body` under `claim` for `ttl`; it must not evict bodies
+///   that have not expired to make room: a full store fails with
+///   [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable), and a body that can never fit with
+///   [`ErrorKind::Rejected`](crate::ErrorKind::Rejected).
+/// * [`check_out`](Self::check_out) returns the body under `claim` if it has not expired, removing
+///   it when `remove` is true; `None` if there is none.
+#[async_trait]
+pub trait ClaimCheckStore: Send + Sync + 'static {
+    /// Keeps `body` under `claim` for `ttl`.
+    async fn check_in(&self, claim: &str, body: Body, ttl: Duration) -> Result<(), ProcessError>;
+
+    /// The body under `claim`, removed from the store when `remove` is true.
+    async fn check_out(&self, claim: &str, remove: bool) -> Result<Option<Body>, ProcessError>;
+}

@@ -1,0 +1,267 @@
+//! `idempotent_consumer`: lets each message key through once (EIP Idempotent Receiver).
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_core::component::JqProgram;
+use sluice_core::duration::HumanDuration;
+use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
+use sluice_core::state::{Claim, IdempotentRepository};
+use sluice_core::{
+    AckToken, BuildContext, BuildError, ErrorKind, Failure, Message, Outcome, Outputs,
+    ProcessError, Processor,
+};
+
+use super::named_store::{self, StoreRequest};
+use super::{common, message_key};
+
+pub(crate) use memory::MemoryRepository;
+
+/// The header set on duplicates by `on_duplicate: mark`.
+pub const DUPLICATE_HEADER: &str = "sluice.duplicate";
+
+const DEFAULT_MAX_KEYS: u64 = 10_000;
+
+/// The step's spec.
+pub fn spec() -> ComponentSpec {
+    ComponentSpec::new(
+        "idempotent_consumer",
+        ComponentKind::Processor,
+        "Let a message through only the first time its key is seen",
+    )
+    .description(
+        "Computes a key for each message with jq (`.` is the body, with `$headers` and `$meta`; a \
+body that is not JSON is `null`, so keys from headers work on any body) and lets through only \
+messages whose key the repository does not hold (EIP Idempotent Receiver). A key that is missing, \
+`null`, an array or an object fails the step with `invalid_input`; numbers and booleans are used \
+as text.\n\n\
+**When a key counts as seen.** With `eager: true` (the default) the key is claimed when the \
+message enters, so a duplicate arriving while the first message is still in flight is already a \
+duplicate. With `eager: false` the key is recorded only when the first message completes, so \
+concurrent copies may all pass; use it when dropping a copy of a message that may still fail is \
+worse than processing it twice.\n\n\
+**Completion** is the message's acknowledgement: once everything downstream has committed it \
+(every target, every part of a split) the key is confirmed and kept for `ttl`. If it is nacked \
+instead (a failure, a target that could not deliver) the key is released before the source hears \
+of it, so a redelivery is processed again. The source sees exactly the outcome it would have seen \
+without this step.\n\n\
+**Duplicates** are dropped and **acknowledged** by default (the source does not redeliver them); \
+`on_duplicate: fail` fails them with `rejected` (the error handling or the source decides), and \
+`mark` lets them continue with the header `sluice.duplicate: true`. With `eager: true` a \
+duplicate dropped while the first message is in flight is not redelivered if that first message \
+then fails; choose `fail` when that matters.\n\n\
+**Repository.** Keys are kept in memory for `ttl` (claims of messages in flight expire too), at \
+most `max_keys` of them: expired keys are purged first; when every key is live, the processed key \
+closest to expiry is forgotten early; claims of messages in flight are never evicted, and when all \
+`max_keys` keys are in flight a new message fails with `unavailable`. Steps that give the same \
+`repository` name share one repository, in one flow or across flows. Memory is lost on restart.",
+    )
+    .field(
+        FieldSpec::new("key", FieldType::Jq, "The jq expression giving the message's key (a string, number or boolean).")
+            .required(),
+    )
+    .field(
+        FieldSpec::new("eager", FieldType::Bool, "Claim the key when the message enters (`true`) or record it only when the message completes (`false`).")
+            .default_value(true),
+    )
+    .field(
+        FieldSpec::new(
+            "on_duplicate",
+            FieldType::Enum(vec!["drop", "fail", "mark"]),
+            "What happens to a duplicate: dropped and acknowledged, failed with `rejected`, or passed on with the header `sluice.duplicate: true`.",
+        )
+        .default_value("drop"),
+    )
+    .field(
+        FieldSpec::new("ttl", FieldType::Duration, "How long a processed key is remembered (and how long a claim of a message in flight lasts).")
+            .default_value("1h"),
+    )
+    .field(FieldSpec::new(
+        "repository",
+        FieldType::String,
+        "Name of a repository shared with every other `idempotent_consumer` giving the same name; without it the step has its own.",
+    ))
+    .field(FieldSpec::new(
+        "max_keys",
+        FieldType::Integer { min: Some(1), max: None },
+        "Most keys the repository holds (default 10000); fixed by the first step that names a shared repository.",
+    ))
+    .shorthand("key")
+    .example("Drop repeated orders by id", "key: .order_id\n")
+    .example(
+        "One repository for two flows, keyed by a header, failing duplicates",
+        "key: '$headers[\"message-id\"]'\nrepository: inbound\non_duplicate: fail\nttl: 24h\nmax_keys: 100000\n",
+    )
+    .example(
+        "Record keys only once processed",
+        "key: .event.id\neager: false\non_duplicate: mark\n",
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OnDuplicate {
+    #[default]
+    Drop,
+    Fail,
+    Mark,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    key: String,
+    #[serde(default = "yes")]
+    eager: bool,
+    #[serde(default)]
+    on_duplicate: OnDuplicate,
+    #[serde(default = "default_ttl")]
+    ttl: HumanDuration,
+    repository: Option<String>,
+    max_keys: Option<u64>,
+}
+
+// The defaults below repeat the spec's, for configurations that did not go through the engine's
+// validation (unit tests).
+fn yes() -> bool {
+    true
+}
+
+fn default_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+
+/// Builds the step.
+pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
+    let config: Config = common::config(config)?;
+    let key = ctx.steps.compile_jq("key", &config.key)?;
+    if config.ttl.0.is_zero() {
+        return Err(BuildError::field("ttl", "give a duration longer than zero"));
+    }
+    let repository = named_store::resolve::<dyn IdempotentRepository>(
+        ctx.resources,
+        &StoreRequest {
+            name: config.repository.as_deref(),
+            name_field: "repository",
+            capacity: config.max_keys,
+            capacity_field: "max_keys",
+            default_capacity: DEFAULT_MAX_KEYS,
+        },
+        |max_keys| {
+            Arc::new(MemoryRepository::new(
+                usize::try_from(max_keys).unwrap_or(usize::MAX),
+            ))
+        },
+    )?;
+    Ok(Arc::new(IdempotentConsumer {
+        key,
+        repository,
+        ttl: config.ttl.0,
+        eager: config.eager,
+        on_duplicate: config.on_duplicate,
+    }))
+}
+
+struct IdempotentConsumer {
+    key: Arc<dyn JqProgram>,
+    repository: Arc<dyn IdempotentRepository>,
+    ttl: Duration,
+    eager: bool,
+    on_duplicate: OnDuplicate,
+}
+
+#[async_trait]
+impl Processor for IdempotentConsumer {
+    async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
+        let key = match message_key::evaluate("key", self.key.as_ref(), &msg).await {
+            Ok(key) => key,
+            Err(e) => return Err(Failure::new(msg, e)),
+        };
+        let first = if self.eager {
+            self.repository
+                .try_claim(&key, self.ttl)
+                .await
+                .map(|claim| claim == Claim::Claimed)
+        } else {
+            self.repository.contains(&key).await.map(|seen| !seen)
+        };
+        match first {
+            Ok(true) => Ok(common::one(self.settle_on_completion(msg, key))),
+            Ok(false) => self.duplicate(msg, &key),
+            Err(e) => Err(Failure::new(msg, e)),
+        }
+    }
+}
+
+impl IdempotentConsumer {
+    // The message is moved into the error so it is never lost.
+    #[allow(clippy::result_large_err)]
+    fn duplicate(&self, msg: Message, key: &str) -> Result<Outputs, Failure> {
+        tracing::debug!(key, "duplicate message");
+        match self.on_duplicate {
+            OnDuplicate::Drop => {
+                msg.ack();
+                Ok(Outputs::new())
+            }
+            OnDuplicate::Fail => Err(Failure::new(
+                msg,
+                ProcessError::new(
+                    ErrorKind::Rejected,
+                    format!("duplicate message: key `{key}` was already seen"),
+                ),
+            )),
+            OnDuplicate::Mark => Ok(common::one(msg.with_header(DUPLICATE_HEADER, "true"))),
+        }
+    }
+
+    /// Puts a new acknowledgement between the message and its source: when it resolves, the key
+    /// is confirmed (ack) or released (nack), and only then is the source told the same outcome.
+    fn settle_on_completion(&self, mut msg: Message, key: String) -> Message {
+        let upstream = msg.take_acks();
+        let repository = Arc::clone(&self.repository);
+        let ttl = self.ttl;
+        let eager = self.eager;
+        // The outcome may be decided on any thread (a sink's task, a dropped message), so the
+        // repository update runs on the runtime that processes the message.
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let token = AckToken::with_callback(move |outcome| {
+            let settle = async move {
+                let result = match (&outcome, eager) {
+                    (Outcome::Ack, _) => repository.confirm(&key, ttl).await,
+                    (Outcome::Nack(_), true) => repository.release(&key).await,
+                    // On completion: nothing was recorded, nothing to undo.
+                    (Outcome::Nack(_), false) => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(key, error = %e, "idempotent repository update failed");
+                }
+                resolve(upstream, &outcome);
+            };
+            match runtime {
+                Some(runtime) => {
+                    runtime.spawn(settle);
+                }
+                None => tracing::error!("no runtime to settle an idempotent key on; source nacked"),
+            }
+        });
+        msg.with_ack(token)
+    }
+}
+
+/// Hands `outcome` to the source's shares.
+fn resolve(upstream: Vec<AckToken>, outcome: &Outcome) {
+    for token in upstream {
+        match outcome {
+            Outcome::Ack => token.ack(),
+            Outcome::Nack(reason) => token.nack(Arc::clone(reason)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+//! Stores shared by name between steps (`repository: orders`, `store: big-bodies`): two steps that
+//! name the same store, in one flow or in different flows of the process, use one instance.
+//!
+//! The instances live in [`Resources`], keyed by the store's trait, so each kind of store has its
+//! own namespace.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use sluice_core::{BuildError, Resources};
+
+/// The named stores of one kind (`S` is the store's trait object type), each with the capacity it
+/// was created with.
+pub(crate) struct NamedStores<S: ?Sized> {
+    stores: Mutex<HashMap<String, (Arc<S>, u64)>>,
+}
+
+impl<S: ?Sized> Default for NamedStores<S> {
+    fn default() -> Self {
+        NamedStores {
+            stores: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// Which store a step asked for, and the capacity it gave.
+pub(crate) struct StoreRequest<'a> {
+    /// The store's name, or `None` for a store private to the step.
+    pub name: Option<&'a str>,
+    /// The configuration field naming the store (for errors).
+    pub name_field: &'a str,
+    /// The capacity the step gave, if it gave one.
+    pub capacity: Option<u64>,
+    /// The configuration field of the capacity (for errors).
+    pub capacity_field: &'a str,
+    /// The capacity used when no step gave one.
+    pub default_capacity: u64,
+}
+
+/// The store a step asked for: private to it, or the named one shared through `resources`,
+/// created on first use.
+///
+/// The first step that names a store fixes its capacity; a later step giving a different capacity
+/// is a build error, so two steps never disagree silently about a shared bound.
+pub(crate) fn resolve<S: ?Sized + Send + Sync + 'static>(
+    resources: &Resources,
+    request: &StoreRequest<'_>,
+    create: impl FnOnce(u64) -> Arc<S>,
+) -> Result<Arc<S>, BuildError> {
+    let capacity = request.capacity.unwrap_or(request.default_capacity);
+    let Some(name) = request.name else {
+        return Ok(create(capacity));
+    };
+    if name.is_empty() {
+        return Err(BuildError::field(
+            request.name_field,
+            "give a non-empty name",
+        ));
+    }
+    let named = resources.get_or_default::<NamedStores<S>>();
+    let mut stores = match named.stores.lock() {
+        Ok(stores) => stores,
+        // Inserting is the only mutation and it cannot be left half done.
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    if let Some((store, existing)) = stores.get(name) {
+        if request.capacity.is_some_and(|asked| asked != *existing) {
+            return Err(BuildError::field(
+                request.capacity_field,
+                format!(
+                    "`{name}` was already created with {} = {existing} by another step; give the \
+same value everywhere, or leave it out here",
+                    request.capacity_field
+                ),
+            ));
+        }
+        return Ok(Arc::clone(store));
+    }
+    let store = create(capacity);
+    stores.insert(name.to_owned(), (Arc::clone(&store), capacity));
+    Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    trait Thing: Send + Sync {
+        fn capacity(&self) -> u64;
+    }
+    struct Fixed(u64);
+    impl Thing for Fixed {
+        fn capacity(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn request(name: Option<&str>, capacity: Option<u64>) -> StoreRequest<'_> {
+        StoreRequest {
+            name,
+            name_field: "store",
+            capacity,
+            capacity_field: "max",
+            default_capacity: 10,
+        }
+    }
+
+    fn make(capacity: u64) -> Arc<dyn Thing> {
+        Arc::new(Fixed(capacity))
+    }
+
+    #[test]
+    fn same_name_same_store_first_capacity_wins() {
+        let resources = Resources::default();
+        let a = resolve(&resources, &request(Some("a"), Some(5)), make).unwrap();
+        let b = resolve(&resources, &request(Some("a"), None), make).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(b.capacity(), 5);
+        let other = resolve(&resources, &request(Some("b"), None), make).unwrap();
+        assert!(!Arc::ptr_eq(&a, &other));
+        assert_eq!(other.capacity(), 10);
+    }
+
+    #[test]
+    fn unnamed_stores_are_private() {
+        let resources = Resources::default();
+        let a = resolve(&resources, &request(None, None), make).unwrap();
+        let b = resolve(&resources, &request(None, None), make).unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn conflicting_capacities_are_a_build_error() {
+        let resources = Resources::default();
+        resolve(&resources, &request(Some("a"), Some(5)), make).unwrap();
+        let e = resolve(&resources, &request(Some("a"), Some(6)), make)
+            .err()
+            .unwrap();
+        assert_eq!(e.field.as_deref(), Some("max"));
+        assert!(e.message.contains("already created with max = 5"), "{e}");
+        let e = resolve(&resources, &request(Some(""), None), make)
+            .err()
+            .unwrap();
+        assert_eq!(e.field.as_deref(), Some("store"));
+    }
+}
