@@ -221,8 +221,8 @@ mod tests {
     fn failing_try(catch: Value, finally: Option<Value>) -> Arc<dyn Processor> {
         let mut config = json!({
             "steps": [{"transform": "if .fail then error(\"boom\") else . + {tried: true} end"}],
-            "catch": catch,
         });
+        config["catch"] = catch;
         if let Some(f) = finally {
             config["finally"] = f;
         }
