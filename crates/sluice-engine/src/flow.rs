@@ -10,6 +10,7 @@ use sluice_core::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::metrics::{Finish, FlowMetrics};
 use crate::ordering::{KeyedOrder, Turn};
 use crate::resilience::headers;
 
@@ -144,12 +145,16 @@ impl Dispatch for Downstream {
             }
             return Err(failure);
         };
+        flow.metrics.received();
         let result = match self.run(msg).await {
             Ok(outputs) => flow.deliver(outputs).await,
             Err(failure) => Err(failure),
         };
         match result {
-            Ok(replies) => Ok(replies),
+            Ok(replies) => {
+                flow.metrics.finished(Finish::Completed);
+                Ok(replies)
+            }
             Err(failure) => flow.handle(failure, None).await,
         }
     }
@@ -202,6 +207,7 @@ pub struct Flow {
     options: FlowOptions,
     limit: Arc<Semaphore>,
     order: Arc<KeyedOrder>,
+    metrics: Arc<FlowMetrics>,
 }
 
 /// A message admitted into a flow: its concurrency permit and its place in its key's order.
@@ -232,7 +238,13 @@ impl Flow {
             options,
             limit,
             order: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// What happened to the messages this flow received.
+    pub fn metrics(&self) -> &Arc<FlowMetrics> {
+        &self.metrics
     }
 
     /// The flow's name.
@@ -278,6 +290,7 @@ impl Flow {
 
     /// Runs an admitted message through the steps and targets, then the error handling.
     async fn run(&self, place: Result<Place, Failure>) -> Result<Vec<Message>, Failure> {
+        self.metrics.received();
         let mut place = match place {
             Ok(place) => place,
             Err(failure) => return self.handle(failure, None).await,
@@ -296,7 +309,10 @@ impl Flow {
             Err(failure) => Err(failure),
         };
         match result {
-            Ok(replies) => Ok(replies),
+            Ok(replies) => {
+                self.metrics.finished(Finish::Completed);
+                Ok(replies)
+            }
             Err(failure) => self.handle(failure, original).await,
         }
     }
@@ -326,6 +342,7 @@ impl Flow {
                         }
                         replies.push(out);
                     }
+                    self.metrics.finished(Finish::Handled);
                     return Ok(replies);
                 }
                 Err(second) => {
@@ -362,6 +379,7 @@ impl Flow {
                     for token in failure.message.take_acks() {
                         token.ack();
                     }
+                    self.metrics.finished(Finish::DeadLettered);
                     return Err(failure);
                 }
                 Err(e) => tracing::error!(
@@ -376,6 +394,7 @@ impl Flow {
         for token in failure.message.take_acks() {
             token.nack(reason.as_str());
         }
+        self.metrics.finished(Finish::Failed);
         Err(failure)
     }
 

@@ -4,7 +4,8 @@
 //! definition into flows (`flow`), sources and sinks; `runtime` runs them; `testing` runs the
 //! `tests:` blocks of flow files; `docs` renders the reference docs and JSON Schema from specs.
 //! `expr` holds the expression languages (jq, templates), `processors` the built-in steps and
-//! `channel` the in-memory channels that link flows.
+//! `channel` the in-memory channels that link flows; `metrics` counts what flows and circuit
+//! breakers do and renders it for Prometheus.
 
 pub mod build;
 pub mod channel;
@@ -12,6 +13,7 @@ pub mod config;
 pub mod docs;
 pub mod expr;
 pub mod flow;
+pub mod metrics;
 pub mod ordering;
 pub mod processors;
 pub mod resilience;

@@ -22,10 +22,27 @@ pub enum Health {
     Stopped,
 }
 
+/// Every flow's health, shared with whoever reports it (the admin API).
+#[derive(Clone, Default)]
+pub struct HealthBoard(Arc<Mutex<BTreeMap<String, Health>>>);
+
+impl HealthBoard {
+    /// Each flow's health now, by flow name.
+    pub fn snapshot(&self) -> BTreeMap<String, Health> {
+        self.0.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    fn set(&self, flow: &str, state: Health) {
+        if let Ok(mut h) = self.0.lock() {
+            h.insert(flow.to_owned(), state);
+        }
+    }
+}
+
 /// A running set of flows.
 pub struct Runtime {
     flows: BTreeMap<String, Arc<Flow>>,
-    health: Arc<Mutex<BTreeMap<String, Health>>>,
+    health: HealthBoard,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     resources: Arc<Resources>,
@@ -35,7 +52,7 @@ impl Runtime {
     /// Starts every source of `topology`. Must be called inside a tokio runtime.
     pub fn start(topology: Topology) -> Self {
         let shutdown = CancellationToken::new();
-        let health = Arc::new(Mutex::new(BTreeMap::new()));
+        let health = HealthBoard::default();
         let mut tasks = JoinSet::new();
         for (flow_name, source) in topology.sources {
             let Some(flow) = topology.flows.get(flow_name.as_ref()) else {
@@ -47,15 +64,15 @@ impl Runtime {
                 shutdown: shutdown.child_token(),
                 resources: Arc::clone(&topology.resources),
             };
-            set(&health, &flow_name, Health::Running);
-            let health = Arc::clone(&health);
+            health.set(&flow_name, Health::Running);
+            let health = health.clone();
             tasks.spawn(async move {
                 let outcome = source.run(ctx).await;
                 match outcome {
-                    Ok(()) => set(&health, &flow_name, Health::Stopped),
+                    Ok(()) => health.set(&flow_name, Health::Stopped),
                     Err(e) => {
                         tracing::error!(flow = %flow_name, error = %e, "source stopped; the other flows keep running");
-                        set(&health, &flow_name, Health::Failed(e.to_string()));
+                        health.set(&flow_name, Health::Failed(e.to_string()));
                     }
                 }
             });
@@ -77,7 +94,12 @@ impl Runtime {
 
     /// Health of every flow's source.
     pub fn health(&self) -> BTreeMap<String, Health> {
-        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+        self.health.snapshot()
+    }
+
+    /// A shared view of every flow's health that stays current.
+    pub fn health_board(&self) -> HealthBoard {
+        self.health.clone()
     }
 
     /// Resources shared by the components.
@@ -109,11 +131,5 @@ impl Runtime {
         );
         self.tasks.shutdown().await;
         left
-    }
-}
-
-fn set(health: &Mutex<BTreeMap<String, Health>>, flow: &str, state: Health) {
-    if let Ok(mut h) = health.lock() {
-        h.insert(flow.to_owned(), state);
     }
 }

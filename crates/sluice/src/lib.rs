@@ -1,5 +1,7 @@
 //! Wiring of the Sluice binary: which components exist. Kept as a library so behaviour tests
-//! build exactly the registry the binary runs with.
+//! build exactly the registry the binary runs with; and the admin HTTP API (`admin`).
+
+pub mod admin;
 
 use sluice_core::Registry;
 

@@ -40,6 +40,10 @@ enum Command {
         /// How long in-flight work may take to finish at shutdown.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         grace: Duration,
+        /// Serve the admin API (`/metrics` for Prometheus, `/health`) on this address, e.g.
+        /// `127.0.0.1:9464`. Off by default.
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<std::net::SocketAddr>,
     },
     /// Check flow files without running them; report every problem with file:line:column.
     Validate {
@@ -83,7 +87,11 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format, default_level);
     let result = match cli.command {
-        Command::Run { paths, grace } => run(&paths, grace),
+        Command::Run {
+            paths,
+            grace,
+            admin,
+        } => run(&paths, grace, admin),
         Command::Validate { paths } => validate(&paths),
         Command::Test { paths } => test(&paths),
         Command::Schema { out } => schema(out),
@@ -125,7 +133,11 @@ fn load(paths: &[PathBuf]) -> Result<config::Project, ExitCode> {
     })
 }
 
-fn run(paths: &[PathBuf], grace: Duration) -> anyhow::Result<ExitCode> {
+fn run(
+    paths: &[PathBuf],
+    grace: Duration,
+    admin: Option<std::net::SocketAddr>,
+) -> anyhow::Result<ExitCode> {
     let registry = sluice::registry();
     let project = match load(paths) {
         Ok(p) => p,
@@ -141,6 +153,13 @@ fn run(paths: &[PathBuf], grace: Duration) -> anyhow::Result<ExitCode> {
             }
         };
         let runtime = Runtime::start(topology);
+        if let Some(addr) = admin {
+            let state = sluice::admin::AdminState {
+                resources: Arc::clone(runtime.resources()),
+                health: runtime.health_board(),
+            };
+            sluice::admin::serve(addr, state, runtime.shutdown_token()).await?;
+        }
         wait_for_signal().await?;
         tracing::info!(
             grace_ms = grace.as_millis() as u64,

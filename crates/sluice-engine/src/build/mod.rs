@@ -200,6 +200,9 @@ pub fn build_flow(
         ));
         // Steps emitting downstream reach the flow from now on.
         let _ = flow_slot.set(Arc::downgrade(&flow));
+        resources
+            .get_or_default::<crate::metrics::Metrics>()
+            .register_flow(&def.name, Arc::clone(flow.metrics()));
         Ok(flow)
     } else {
         Err(problems)

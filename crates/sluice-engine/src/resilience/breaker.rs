@@ -5,6 +5,7 @@
 //! Count-based sliding window: the last `window` calls, judged once `minimum_calls` are in it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -78,6 +79,40 @@ pub struct CircuitBreaker {
     name: String,
     config: BreakerConfig,
     inner: Mutex<Inner>,
+    counters: Counters,
+}
+
+/// Running totals for metrics; never reset.
+#[derive(Default)]
+struct Counters {
+    successes: AtomicU64,
+    failures: AtomicU64,
+    rejected: AtomicU64,
+    opened: AtomicU64,
+}
+
+/// A breaker's totals since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BreakerCounts {
+    /// Calls that succeeded (or failed with an error kind the breaker does not count).
+    pub successes: u64,
+    /// Calls that failed with an error kind the breaker counts.
+    pub failures: u64,
+    /// Calls refused because the circuit was open (or half-open and busy).
+    pub rejected: u64,
+    /// Times the circuit opened.
+    pub opened: u64,
+}
+
+/// A breaker's name, state and totals at one moment.
+#[derive(Debug, Clone)]
+pub struct BreakerSnapshot {
+    /// `flow/step`.
+    pub name: String,
+    /// The state the next call would see.
+    pub state: CircuitState,
+    /// Totals since the process started.
+    pub counts: BreakerCounts,
 }
 
 /// Admission to make one call; records a failure if dropped without an outcome (the call was
@@ -113,6 +148,18 @@ impl CircuitBreaker {
                 phase: Phase::Closed,
                 recent: VecDeque::new(),
             }),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Totals since the process started.
+    pub fn counts(&self) -> BreakerCounts {
+        let c = &self.counters;
+        BreakerCounts {
+            successes: c.successes.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            rejected: c.rejected.load(Ordering::Relaxed),
+            opened: c.opened.load(Ordering::Relaxed),
         }
     }
 
@@ -131,6 +178,14 @@ impl CircuitBreaker {
 
     /// Admits a call, or says how long the circuit stays open.
     fn admit(&self) -> Result<Call<'_>, std::time::Duration> {
+        let admitted = self.try_admit();
+        if admitted.is_err() {
+            self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    fn try_admit(&self) -> Result<Call<'_>, std::time::Duration> {
         let Ok(mut inner) = self.inner.lock() else {
             return Err(self.config.open_for.0);
         };
@@ -164,6 +219,12 @@ impl CircuitBreaker {
     }
 
     fn record(&self, trial: bool, failed: bool) {
+        let outcome = if failed {
+            &self.counters.failures
+        } else {
+            &self.counters.successes
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
@@ -172,6 +233,7 @@ impl CircuitBreaker {
             (Phase::HalfOpen { .. }, true) if failed => {
                 tracing::warn!(breaker = %self.name, "circuit re-opened: a trial call failed");
                 inner.phase = Phase::Open { until: open_until };
+                self.counters.opened.fetch_add(1, Ordering::Relaxed);
             }
             (Phase::HalfOpen { succeeded, .. }, true) => {
                 *succeeded += 1;
@@ -201,6 +263,7 @@ impl CircuitBreaker {
                     );
                     inner.phase = Phase::Open { until: open_until };
                     inner.recent.clear();
+                    self.counters.opened.fetch_add(1, Ordering::Relaxed);
                 }
             }
             // An outcome from before the state changed says nothing about the new state.
@@ -232,11 +295,19 @@ impl CircuitBreakers {
         }
     }
 
-    /// Each breaker's name and state.
-    pub fn states(&self) -> Vec<(String, CircuitState)> {
+    /// Each breaker's name, state and totals, by name.
+    pub fn snapshots(&self) -> Vec<BreakerSnapshot> {
         self.0
             .lock()
-            .map(|m| m.iter().map(|(k, b)| (k.clone(), b.state())).collect())
+            .map(|m| {
+                m.iter()
+                    .map(|(name, b)| BreakerSnapshot {
+                        name: name.clone(),
+                        state: b.state(),
+                        counts: b.counts(),
+                    })
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -407,6 +478,15 @@ mod tests {
         call(&step).await.unwrap();
         assert_eq!(breaker.state(), CircuitState::Closed);
         assert_eq!(remote.calls.load(Ordering::SeqCst), 6);
+        assert_eq!(
+            breaker.counts(),
+            BreakerCounts {
+                successes: 4,
+                failures: 2,
+                rejected: 1,
+                opened: 1
+            }
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -446,6 +526,7 @@ mod tests {
             CircuitState::Open,
             "a new full open period"
         );
+        assert_eq!(breaker.counts().opened, 2, "opened, then re-opened");
     }
 
     #[tokio::test(start_paused = true)]

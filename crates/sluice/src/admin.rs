@@ -1,0 +1,162 @@
+//! The admin HTTP API: what operators and monitoring ask a running Sluice.
+//!
+//! * `GET /metrics`: every counter in the Prometheus text format (flows, circuit breakers).
+//! * `GET /health`: each flow's health as JSON; 200 when no flow has failed, 503 otherwise, so a
+//!   load balancer or an orchestrator's probe can use it as is.
+//!
+//! It listens on its own address (`sluice run --admin ADDR`), apart from the flows' listeners,
+//! so it can stay on loopback while flows face the network. It is read-only; later write
+//! operations (dead-letter replay) will need authentication before they are added here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use sluice_core::Resources;
+use sluice_engine::metrics;
+use sluice_engine::runtime::{Health, HealthBoard};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A slow client may not hold a connection open without sending its request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin API reports on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The runtime's shared resources, where the counters live.
+    pub resources: Arc<Resources>,
+    /// Every flow's health.
+    pub health: HealthBoard,
+}
+
+/// The admin API could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for the admin API: {source}; pick another address with --admin")]
+pub struct AdminError {
+    addr: SocketAddr,
+    source: std::io::Error,
+}
+
+/// Binds `addr` and serves the admin API until `stop` is cancelled. Returns the bound address
+/// (useful with port 0) once the listener is up.
+pub async fn serve(
+    addr: SocketAddr,
+    state: AdminState,
+    stop: CancellationToken,
+) -> Result<SocketAddr, AdminError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| AdminError { addr, source })?;
+    tracing::info!(listen = %local, "admin API listening: /metrics, /health");
+    tokio::spawn(accept_loop(listener, Arc::new(state), stop));
+    Ok(local)
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "admin API: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        let service = service_fn(move |req| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(route(&state, &req)) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                result = conn => if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "admin connection ended with an error");
+                },
+            }
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let known = matches!(path, "/metrics" | "/health");
+    if known && req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "application/json",
+            json!({"error": format!("{path} only answers GET")}).to_string(),
+        );
+    }
+    match path {
+        "/metrics" => reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics::render(&state.resources),
+        ),
+        "/health" => health(&state.health),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "application/json",
+            json!({"error": format!("no admin endpoint at {path}; try /metrics or /health")})
+                .to_string(),
+        ),
+    }
+}
+
+fn health(board: &HealthBoard) -> Response<Full<Bytes>> {
+    let flows = board.snapshot();
+    let failed = flows.values().any(|h| matches!(h, Health::Failed(_)));
+    let report: serde_json::Map<String, serde_json::Value> = flows
+        .into_iter()
+        .map(|(name, h)| {
+            let entry = match h {
+                Health::Running => json!({"state": "running"}),
+                Health::Stopped => json!({"state": "stopped"}),
+                Health::Failed(error) => json!({"state": "failed", "error": error}),
+            };
+            (name, entry)
+        })
+        .collect();
+    let (status, summary) = if failed {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    reply(
+        status,
+        "application/json",
+        json!({"status": summary, "flows": report}).to_string(),
+    )
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = content_type.parse() {
+        response.headers_mut().insert("content-type", value);
+    }
+    response
+}
