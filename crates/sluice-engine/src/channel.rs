@@ -333,3 +333,74 @@ impl Source for ChannelSource {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use sluice_core::{AckToken, Outcome, Resources};
+
+    #[tokio::test]
+    async fn sending_to_a_channel_nobody_reads_fails_at_once() {
+        let resources = Resources::default();
+        let (token, ack) = AckToken::channel();
+        let msg = Message::json(json!(1)).with_ack(token);
+        let error = sender(&resources, "audit").deliver(&msg).await.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Unavailable);
+        assert!(error.detail.contains("`audit`"), "{}", error.detail);
+        // Nothing was queued: the only share is the message's own.
+        msg.ack();
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+    }
+
+    #[tokio::test]
+    async fn a_declared_reader_receives_the_copy_with_a_share() {
+        let resources = Resources::default();
+        let channels = resources.get_or_default::<Channels>();
+        channels.declare_reader("audit", 4);
+        let mut rx = channels.take_receiver("audit").unwrap();
+        let (token, mut ack) = AckToken::channel();
+        let msg = Message::json(json!(1)).with_ack(token);
+        sender(&resources, "audit").deliver(&msg).await.unwrap();
+        msg.ack();
+        assert!(ack.try_recv().is_err(), "acked before the reader was done");
+        rx.recv().await.unwrap().ack();
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+    }
+
+    #[tokio::test]
+    async fn under_test_sends_are_captured_by_channel_name() {
+        let resources = Resources::default();
+        let channels = resources.get_or_default::<Channels>();
+        channels.declare_reader("audit", 1);
+        let captured = Captured::default();
+        channels.capture_into(captured.clone());
+        let (token, ack) = AckToken::channel();
+        let msg = Message::json(json!({"a": 1})).with_ack(token);
+        sender(&resources, "audit").deliver(&msg).await.unwrap();
+        msg.ack();
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+        let got = captured.take("channel:audit");
+        assert_eq!(got[0].body.json().unwrap(), &json!({"a": 1}));
+    }
+
+    #[test]
+    fn channels_named_by_steps_are_found_nested_too() {
+        let sends = sent_to_by_step(
+            "choice",
+            &json!({"when": [{"condition": ".a", "steps": [
+                {"wire_tap": "audit"},
+                {"recipient_list": {"recipients": ["billing", "shipping"]}},
+                {"multicast": {"branches": [[{"wire_tap": {"channel": "trace"}}]]}}
+            ]}]}),
+        );
+        assert_eq!(sends.names, ["audit", "billing", "shipping", "trace"]);
+        assert!(!sends.dynamic);
+        let sends = sent_to_by_step("recipient_list", &json!({"expression": ".to"}));
+        assert!(sends.dynamic && sends.names.is_empty());
+        assert_eq!(
+            sent_to_by_step("wire_tap", &json!({"steps": [{"log": "x"}]})).names,
+            Vec::<String>::new()
+        );
+    }
+}

@@ -248,6 +248,7 @@ mod tests {
 
     /// Three suppliers: `fast` answers at once, `slow` after `.slow_ms`, `broken` fails when
     /// `.break` is set.
+    #[allow(clippy::needless_pass_by_value)]
     fn suppliers(extra: Value) -> Arc<dyn Processor> {
         let mut config = json!({
             "branches": [
