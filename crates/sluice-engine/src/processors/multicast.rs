@@ -71,8 +71,8 @@ Limits: 1 to 64 branches.",
     .field(FieldSpec::new(
         "aggregate",
         FieldType::String,
-        "jq over the array of branch replies (`.`) and `$original`, giving the continuing body; \
-without it the original body continues.",
+        "A jq expression over the array of branch replies (`.`) and `$original`, giving the \
+continuing body; without it the original body continues. Checked when the flow is built.",
     ))
     .example(
         "Notify two systems, continue with the original",

@@ -74,7 +74,7 @@ branches; `timeout` up to 1h.",
     .field(FieldSpec::new(
         "merge",
         FieldType::String,
-        "jq over the array of replies (`.`) and `$original`, giving the merged body; without it the body is the array.",
+        "A jq expression over the array of replies (`.`) and `$original`, giving the merged body; without it the body is the array. Checked when the flow is built.",
     ))
     .field(
         FieldSpec::new(
