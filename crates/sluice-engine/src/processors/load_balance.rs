@@ -407,6 +407,10 @@ mod tests {
         // Thirty keys over three targets use more than one of them.
         assert!(first.iter().any(|t| t != &first[0]));
         assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        let failure = process(&step, Message::bytes(&b"not json"[..]))
+            .await
+            .unwrap_err();
+        assert_eq!(failure.error.kind, ErrorKind::InvalidInput);
     }
 
     /// Fails with its kind; flow steps cannot fail with an arbitrary kind, so tests use this.

@@ -320,6 +320,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_aggregate_may_define_functions_and_read_headers() {
+        let step = build_one(
+            "multicast",
+            json!({"branches": [[{"transform": "1"}], [{"transform": "2"}]],
+                   "aggregate": "def total: add; {total: total, tenant: $headers.tenant, was: $original}"}),
+        );
+        let out = process(
+            &step,
+            Message::json(json!("x")).with_header("tenant", "acme"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            body(&out[0]),
+            json!({"total": 3, "tenant": "acme", "was": "x"})
+        );
+    }
+
+    #[tokio::test]
     async fn an_aggregate_without_value_is_an_expression_failure() {
         let step = build_one(
             "multicast",

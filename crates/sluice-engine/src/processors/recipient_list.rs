@@ -47,7 +47,10 @@ with `ignore_invalid: true` it is skipped with a warning instead. An expression 
 `parallel: false` (the default) copies are delivered in list order and the first failure stops \
 the rest; with `parallel: true` all are delivered concurrently and the first failure in list \
 order is reported. Copies already delivered when a later one fails stay delivered: on \
-redelivery of the source they are sent again (at-least-once).",
+redelivery of the source they are sent again (at-least-once).\n\n\
+When the flow loads, every channel in `recipients` must be read by a flow. Channels computed by \
+`expression` are only known at run time, so while a project has such a step, a flow reading a \
+channel that no flow names as a destination is not reported as unfed.",
     )
     .field(FieldSpec::new(
         "recipients",
@@ -105,6 +108,9 @@ enum Recipients {
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
     let config: Config = common::config(config)?;
     let recipients = match (config.recipients, &config.expression) {
+        (Some(list), None) if list.is_empty() => {
+            return Err(BuildError::field("recipients", "give at least one channel"));
+        }
         (Some(list), None) => Recipients::Fixed(dedup(list)),
         (None, Some(code)) => Recipients::Computed(ctx.steps.compile_jq("expression", code)?),
         (Some(_), Some(_)) => {
@@ -328,6 +334,10 @@ mod tests {
     #[test]
     fn needs_exactly_one_source_of_names() {
         assert!(try_build("recipient_list", &json!({})).is_err());
+        let e = try_build("recipient_list", &json!({"recipients": []}))
+            .err()
+            .unwrap();
+        assert_eq!(e.field.as_deref(), Some("recipients"));
         let e = try_build(
             "recipient_list",
             &json!({"recipients": ["a"], "expression": ".x"}),
