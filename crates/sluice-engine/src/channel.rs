@@ -5,9 +5,14 @@
 //! acknowledged only when the second flow has finished with the message. A channel is bounded: a
 //! full channel makes the writing flow wait (backpressure), it never drops. Messages still queued
 //! at shutdown are nacked to their sources. Durable channels come with the store.
+//!
+//! A channel is known to have a reader once a flow with `from: {channel: name}` has been built;
+//! a message sent to a channel no flow reads fails at once with `unavailable` naming the channel,
+//! instead of waiting in a queue nobody drains. Under `sluice test` ([`Channels::capture_into`])
+//! messages sent to a channel are recorded under the target name `channel:<name>`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -18,6 +23,8 @@ use sluice_core::{
     SourceContext, SourceError,
 };
 use tokio::sync::{Semaphore, mpsc};
+
+use crate::build::Captured;
 
 /// The component name, as a source and as a sink.
 pub const NAME: &str = "channel";
@@ -30,6 +37,62 @@ pub fn channel_name(config: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The channels a step sends to, as far as its configuration says.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StepSends {
+    /// Channels named in the configuration.
+    pub names: Vec<String>,
+    /// Whether the step (or one nested in it) computes channel names at run time.
+    pub dynamic: bool,
+}
+
+/// The channels step `component` (and any step nested in its `config`) sends to: a `wire_tap`'s
+/// `channel`, a `recipient_list`'s `recipients`; a `recipient_list` with an `expression` is
+/// dynamic. Used by the loader to check that every channel has both ends.
+pub fn sent_to_by_step(component: &str, config: &Value) -> StepSends {
+    let mut sends = StepSends::default();
+    collect_sends(component, config, &mut sends);
+    sends
+}
+
+fn collect_sends(component: &str, config: &Value, sends: &mut StepSends) {
+    let names = |v: Option<&Value>| -> Vec<String> {
+        match v {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    match (component, config) {
+        ("wire_tap", Value::String(_)) => sends.names.extend(names(Some(config))),
+        ("wire_tap", Value::Object(o)) => sends.names.extend(names(o.get("channel"))),
+        ("recipient_list", Value::Array(_)) => sends.names.extend(names(Some(config))),
+        ("recipient_list", Value::Object(o)) => {
+            sends.names.extend(names(o.get("recipients")));
+            sends.dynamic |= o.get("expression").is_some_and(|e| !e.is_null());
+        }
+        _ => {}
+    }
+    // Nested steps are `{name: config}` objects anywhere below.
+    match config {
+        Value::Object(o) => {
+            for (key, value) in o {
+                collect_sends(key, value, sends);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                collect_sends("", item, sends);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Registers the channel source and sink.
@@ -78,19 +141,39 @@ fn sink_spec() -> ComponentSpec {
 
 type Queue = (mpsc::Sender<Message>, Option<mpsc::Receiver<Message>>);
 
+/// The prefix of the test target under which messages sent to a channel are captured.
+pub const CAPTURE_PREFIX: &str = "channel:";
+
 /// Every channel of the process, created on first use by either end.
 #[derive(Default)]
 pub struct Channels {
     queues: Mutex<HashMap<String, Queue>>,
     capacities: Mutex<HashMap<String, usize>>,
+    readers: Mutex<HashSet<String>>,
+    capture: OnceLock<Captured>,
 }
 
 impl Channels {
-    /// Fixes a channel's capacity before either end opens it (the reading side's setting wins).
-    fn set_capacity(&self, name: &str, capacity: usize) {
+    /// Declares that a flow reads channel `name`, with the channel's capacity (the reading side's
+    /// setting wins); done when that flow's source is built, before any message flows.
+    pub fn declare_reader(&self, name: &str, capacity: usize) {
         if let Ok(mut caps) = self.capacities.lock() {
             caps.insert(name.to_owned(), capacity);
         }
+        if let Ok(mut readers) = self.readers.lock() {
+            readers.insert(name.to_owned());
+        }
+    }
+
+    /// Whether a flow reading channel `name` has been built.
+    pub fn has_reader(&self, name: &str) -> bool {
+        self.readers.lock().is_ok_and(|r| r.contains(name))
+    }
+
+    /// For flow tests: messages sent to any channel are recorded in `captured` under
+    /// `channel:<name>` (and their share resolved) instead of being queued.
+    pub fn capture_into(&self, captured: Captured) {
+        let _ = self.capture.set(captured);
     }
 
     fn with_queue<T>(&self, name: &str, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
@@ -113,7 +196,7 @@ impl Channels {
         self.with_queue(name, |q| q.0.clone())
     }
 
-    fn take_receiver(&self, name: &str) -> Option<mpsc::Receiver<Message>> {
+    pub(crate) fn take_receiver(&self, name: &str) -> Option<mpsc::Receiver<Message>> {
         self.with_queue(name, |q| q.1.take()).flatten()
     }
 }
@@ -137,7 +220,7 @@ fn build_source(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source
         serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
     ctx.resources
         .get_or_default::<Channels>()
-        .set_capacity(&config.name, config.capacity);
+        .declare_reader(&config.name, config.capacity);
     Ok(Box::new(ChannelSource {
         name: config.name,
         concurrency: config.concurrency,
@@ -154,8 +237,9 @@ fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, B
 }
 
 /// A sink into channel `name`, for steps that pick channels at run time (a recipient list, a wire
-/// tap). Like the `channel` target: waits while the channel is full, fails with `unavailable` when
-/// no flow reads it, and carries the message's acknowledgement to the reading flow.
+/// tap). Like the `channel` target: waits while the channel is full, fails at once with
+/// `unavailable` naming the channel when no flow reads it, and carries the message's
+/// acknowledgement to the reading flow.
 pub fn sender(resources: &sluice_core::Resources, name: &str) -> Arc<dyn Sink> {
     Arc::new(ChannelSink {
         name: name.to_owned(),
@@ -171,6 +255,24 @@ struct ChannelSink {
 #[async_trait]
 impl Sink for ChannelSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
+        if !self.channels.has_reader(&self.name) {
+            return Err(ProcessError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no flow reads channel `{}`; add a flow with `from: {{channel: {}}}`",
+                    self.name, self.name
+                ),
+            ));
+        }
+        if let Some(captured) = self.channels.capture.get() {
+            let mut copy = msg.clone();
+            // A record, not a delivery: the copy's share is resolved now, as a captured target's.
+            for token in copy.take_acks() {
+                token.ack();
+            }
+            captured.push(&format!("{CAPTURE_PREFIX}{}", self.name), copy);
+            return Ok(());
+        }
         let unavailable = || {
             ProcessError::new(
                 ErrorKind::Unavailable,
@@ -229,5 +331,76 @@ impl Source for ChannelSource {
             msg.nack("runtime shut down before the message was processed");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use sluice_core::{AckToken, Outcome, Resources};
+
+    #[tokio::test]
+    async fn sending_to_a_channel_nobody_reads_fails_at_once() {
+        let resources = Resources::default();
+        let (token, ack) = AckToken::channel();
+        let msg = Message::json(json!(1)).with_ack(token);
+        let error = sender(&resources, "audit").deliver(&msg).await.unwrap_err();
+        assert_eq!(error.kind, ErrorKind::Unavailable);
+        assert!(error.detail.contains("`audit`"), "{}", error.detail);
+        // Nothing was queued: the only share is the message's own.
+        msg.ack();
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+    }
+
+    #[tokio::test]
+    async fn a_declared_reader_receives_the_copy_with_a_share() {
+        let resources = Resources::default();
+        let channels = resources.get_or_default::<Channels>();
+        channels.declare_reader("audit", 4);
+        let mut rx = channels.take_receiver("audit").unwrap();
+        let (token, mut ack) = AckToken::channel();
+        let msg = Message::json(json!(1)).with_ack(token);
+        sender(&resources, "audit").deliver(&msg).await.unwrap();
+        msg.ack();
+        assert!(ack.try_recv().is_err(), "acked before the reader was done");
+        rx.recv().await.unwrap().ack();
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+    }
+
+    #[tokio::test]
+    async fn under_test_sends_are_captured_by_channel_name() {
+        let resources = Resources::default();
+        let channels = resources.get_or_default::<Channels>();
+        channels.declare_reader("audit", 1);
+        let captured = Captured::default();
+        channels.capture_into(captured.clone());
+        let (token, ack) = AckToken::channel();
+        let msg = Message::json(json!({"a": 1})).with_ack(token);
+        sender(&resources, "audit").deliver(&msg).await.unwrap();
+        msg.ack();
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+        let got = captured.take("channel:audit");
+        assert_eq!(got[0].body.json().unwrap(), &json!({"a": 1}));
+    }
+
+    #[test]
+    fn channels_named_by_steps_are_found_nested_too() {
+        let sends = sent_to_by_step(
+            "choice",
+            &json!({"when": [{"condition": ".a", "steps": [
+                {"wire_tap": "audit"},
+                {"recipient_list": {"recipients": ["billing", "shipping"]}},
+                {"multicast": {"branches": [[{"wire_tap": {"channel": "trace"}}]]}}
+            ]}]}),
+        );
+        assert_eq!(sends.names, ["audit", "billing", "shipping", "trace"]);
+        assert!(!sends.dynamic);
+        let sends = sent_to_by_step("recipient_list", &json!({"expression": ".to"}));
+        assert!(sends.dynamic && sends.names.is_empty());
+        assert_eq!(
+            sent_to_by_step("wire_tap", &json!({"steps": [{"log": "x"}]})).names,
+            Vec::<String>::new()
+        );
     }
 }

@@ -4,9 +4,10 @@
 //! definition into flows (`flow`), sources and sinks; `runtime` runs them; `testing` runs the
 //! `tests:` blocks of flow files; `docs` renders the reference docs and JSON Schema from specs.
 //! `expr` holds the expression languages (jq, templates), `processors` the built-in steps and
-//! `channel` the in-memory channels that link flows; `metrics` counts what flows and circuit
-//! breakers do and renders it for Prometheus.
+//! `channel` the in-memory channels that link flows, `background` the work steps start and do not
+//! wait for; `metrics` counts what flows and circuit breakers do and renders it for Prometheus.
 
+pub mod background;
 pub mod build;
 pub mod channel;
 pub mod config;

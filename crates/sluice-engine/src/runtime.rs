@@ -8,6 +8,7 @@ use sluice_core::{Dispatch, Resources, SourceContext};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::background::Background;
 use crate::build::Topology;
 use crate::flow::Flow;
 
@@ -116,11 +117,24 @@ impl Runtime {
     /// Returns how many sources had to be stopped forcibly.
     pub async fn shutdown(mut self, grace: Duration) -> usize {
         self.shutdown.cancel();
-        let drained = tokio::time::timeout(grace, async {
+        let deadline = tokio::time::Instant::now() + grace;
+        let drained = tokio::time::timeout_at(deadline, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
         if drained.is_ok() {
+            // Fire-and-forget work (wire taps) may use what is left of the grace period; what is
+            // still running after it is lost, as documented for those steps.
+            let background = self.resources.get_or_default::<Background>();
+            if tokio::time::timeout_at(deadline, background.idle())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    tasks = background.running(),
+                    "background work (wire taps) still running at shutdown; it is dropped"
+                );
+            }
             return 0;
         }
         let left = self.tasks.len();

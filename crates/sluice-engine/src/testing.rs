@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use sluice_core::{AckToken, Dispatch, ExchangePattern, Message, Outcome, Registry, Resources};
 
+use crate::background::Background;
 use crate::build::mock_body;
 use crate::build::{Captured, TestOverrides, build_flow};
+use crate::channel::{self, Channels};
 use crate::config::model::{ERROR_TARGET, Expectation, Project, REPLY_TARGET, TestDef};
 use crate::expr;
 use crate::flow::DEAD_LETTERED;
@@ -80,6 +82,15 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
     };
     let captured = Captured::default();
     let resources = Arc::new(Resources::default());
+    // Channels the project reads exist; what a step sends to one is captured as `channel:<name>`.
+    let channels = resources.get_or_default::<Channels>();
+    for reader in project
+        .flows()
+        .filter(|f| f.from.component == channel::NAME)
+    {
+        channels.declare_reader(&channel::channel_name(&reader.from.config), 1);
+    }
+    channels.capture_into(captured.clone());
     let overrides = TestOverrides {
         mocks: Some(&test.mocks),
         captures: Some(&captured),
@@ -145,6 +156,17 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
                 ACK_TIMEOUT.as_secs()
             )),
         }
+    }
+    // Work the flow started without waiting for it (a wire tap) finishes before the checks.
+    let background = resources.get_or_default::<Background>();
+    if tokio::time::timeout(ACK_TIMEOUT, background.idle())
+        .await
+        .is_err()
+    {
+        result.failures.push(format!(
+            "background work (a wire tap) did not finish within {}s",
+            ACK_TIMEOUT.as_secs()
+        ));
     }
     let expects_error = test.expect.iter().any(|e| e.target == ERROR_TARGET);
     if let (Some(error), false) = (&error, expects_error) {

@@ -94,6 +94,15 @@ fn every_spec_example_validates() {
                     yaml = yaml.replace("  - name: other\n    from: { channel: orders }\n", "  - name: other\n    from: { timer: { interval: 1s } }\n    to: [ { channel: orders } ]\n");
                 }
             }
+            // A step that sends to channels (a wire tap, a recipient list) needs their readers.
+            if spec.kind == sluice_core::spec::ComponentKind::Processor {
+                let config: serde_json::Value = serde_saphyr::from_str(example.yaml).unwrap();
+                for name in sluice_engine::channel::sent_to_by_step(spec.name, &config).names {
+                    yaml.push_str(&format!(
+                        "  - name: reader-{name}\n    from: {{ channel: {name} }}\n"
+                    ));
+                }
+            }
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("f.yaml");
             std::fs::write(&path, &yaml).unwrap();

@@ -111,3 +111,28 @@ fn a_folder_without_flow_files_is_an_error() {
         .unwrap();
     assert!(err.to_string().contains("no `*.yaml`"), "{err}");
 }
+
+#[test]
+fn channels_sent_to_by_steps_need_a_reader_and_count_as_writers() {
+    let text = diagnostics(
+        r#"
+flows:
+  - name: orders
+    from: { http: { path: /orders } }
+    steps:
+      - wire_tap: audit
+      - choice:
+          when:
+            - condition: '.big'
+              steps:
+                - recipient_list: { recipients: [review, nowhere] }
+  - name: audit
+    from: { channel: audit }
+  - name: review
+    from: { channel: review }
+  - name: orphan
+    from: { channel: orphan }
+"#,
+    );
+    insta::assert_snapshot!(text);
+}

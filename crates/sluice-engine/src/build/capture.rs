@@ -19,7 +19,7 @@ impl Captured {
             .unwrap_or_default()
     }
 
-    fn push(&self, target: &str, msg: Message) {
+    pub(crate) fn push(&self, target: &str, msg: Message) {
         if let Ok(mut m) = self.0.lock() {
             m.entry(target.to_owned()).or_default().push(msg);
         }

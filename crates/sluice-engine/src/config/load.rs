@@ -908,6 +908,8 @@ fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
     // Channels: every channel written to must be read by exactly one flow, and the other way round.
     let mut readers: BTreeMap<String, Vec<&FlowDef>> = BTreeMap::new();
     let mut writers: BTreeMap<String, Vec<(&FlowDef, &ComponentUse)>> = BTreeMap::new();
+    // A step that computes its channels at run time may feed any reader.
+    let mut dynamic_writers = false;
     for flow in project.flows() {
         if flow.from.component == crate::channel::NAME {
             readers
@@ -923,6 +925,14 @@ fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
                     .push((flow, target));
             }
         }
+        // Steps that send to channels (a wire tap, a recipient list), nested ones included.
+        for step in flow.steps.iter().chain(&flow.handling.on_error) {
+            let sends = crate::channel::sent_to_by_step(&step.component, &step.config);
+            dynamic_writers |= sends.dynamic;
+            for name in sends.names {
+                writers.entry(name).or_default().push((flow, step));
+            }
+        }
     }
     for (name, list) in &readers {
         if list.len() > 1 {
@@ -930,7 +940,7 @@ fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
                 out.push(diag(&flow.file, flow.from.loc, format!("{}.from", flow.name), format!("channel `{name}` is read by more than one flow"), Some("a channel has one consumer flow; use a multicast or a second channel to fan out".into())));
             }
         }
-        if !writers.contains_key(name) {
+        if !writers.contains_key(name) && !dynamic_writers {
             let flow = list[0];
             let help = suggest(name, writers.keys().map(String::as_str)).unwrap_or_else(|| {
                 "add `to: [{channel: {name: ...}}]` in the flow that feeds it".into()
@@ -976,6 +986,7 @@ fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
             for (j, e) in test.expect.iter().enumerate() {
                 let known = e.target == REPLY_TARGET
                     || e.target == ERROR_TARGET
+                    || e.target.starts_with(crate::channel::CAPTURE_PREFIX)
                     || flow.to.iter().any(|t| t.id == e.target)
                     || flow
                         .handling

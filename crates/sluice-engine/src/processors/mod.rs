@@ -6,17 +6,26 @@ mod choice;
 mod claim_check;
 mod common;
 mod delay;
+mod dynamic_router;
+mod fanout;
 mod filter;
 mod idempotent_consumer;
+mod load_balance;
 mod log;
 mod message_key;
+mod multicast;
 mod named_store;
+mod recipient_list;
 mod remove_header;
+mod routes;
+mod routing_slip;
+mod scatter_gather;
 mod set_header;
 mod template;
 mod throttle;
 mod transform;
 mod try_catch;
+mod wire_tap;
 
 #[cfg(test)]
 pub(crate) mod testkit;
@@ -38,7 +47,14 @@ pub fn register_all(registry: &mut Registry) {
         .processor(throttle::spec(), throttle::build)
         .processor(delay::spec(), delay::build)
         .processor(cache::spec(), cache::build)
-        .processor(claim_check::spec(), claim_check::build);
+        .processor(claim_check::spec(), claim_check::build)
+        .processor(wire_tap::spec(), wire_tap::build)
+        .processor(recipient_list::spec(), recipient_list::build)
+        .processor(multicast::spec(), multicast::build)
+        .processor(scatter_gather::spec(), scatter_gather::build)
+        .processor(routing_slip::spec(), routing_slip::build)
+        .processor(dynamic_router::spec(), dynamic_router::build)
+        .processor(load_balance::spec(), load_balance::build);
 }
 
 #[cfg(test)]
@@ -59,15 +75,22 @@ mod tests {
                 "choice",
                 "claim_check",
                 "delay",
+                "dynamic_router",
                 "filter",
                 "idempotent_consumer",
+                "load_balance",
                 "log",
+                "multicast",
+                "recipient_list",
                 "remove_header",
+                "routing_slip",
+                "scatter_gather",
                 "set_header",
                 "template",
                 "throttle",
                 "transform",
-                "try"
+                "try",
+                "wire_tap"
             ]
         );
         for spec in registry.specs() {

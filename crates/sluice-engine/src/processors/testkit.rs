@@ -50,11 +50,15 @@ impl Dispatch for Collected {
 
 impl TestSteps {
     pub(crate) fn new() -> Self {
+        Self::with_resources(Arc::new(Resources::default()))
+    }
+
+    fn with_resources(resources: Arc<Resources>) -> Self {
         let mut registry = Registry::new();
         super::register_all(&mut registry);
         TestSteps {
             registry,
-            resources: Arc::new(Resources::default()),
+            resources,
             downstream: Arc::default(),
         }
     }
@@ -152,10 +156,45 @@ pub(crate) fn build_with_downstream(
     }
 }
 
+/// Builds one step sharing `resources` (channels, background work) with the test.
+#[allow(dead_code)]
+#[allow(clippy::needless_pass_by_value)]
+pub(crate) fn build_with_resources(
+    name: &str,
+    config: Value,
+    resources: &Arc<Resources>,
+) -> Arc<dyn Processor> {
+    match TestSteps::with_resources(Arc::clone(resources)).build_step(name, &config) {
+        Ok(step) => step,
+        Err(e) => panic!("building `{name}` failed: {e}"),
+    }
+}
+
 /// Runs a step on one message.
 pub(crate) async fn process(
     step: &Arc<dyn Processor>,
     msg: Message,
 ) -> Result<Vec<Message>, Failure> {
     step.process(msg).await.map(|out| out.into_iter().collect())
+}
+
+/// Splits a JSON array body into one message per element, each holding a share of the
+/// original's acknowledgement: a stand-in for a splitter in the tests of routers.
+pub(crate) struct SplitArray;
+
+#[async_trait]
+impl Processor for SplitArray {
+    async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
+        let items = match msg.body.json() {
+            Ok(Value::Array(items)) => items.clone(),
+            _ => {
+                let error = sluice_core::ProcessError::invalid_input("not an array");
+                return Err(Failure::new(msg, error));
+            }
+        };
+        Ok(msg
+            .split_into(items.into_iter().map(sluice_core::Body::from_json))
+            .into_iter()
+            .collect())
+    }
 }
