@@ -164,8 +164,15 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
         ttl: config.ttl.0,
         eager: config.eager,
         on_duplicate: config.on_duplicate,
+        confirming: Arc::default(),
     }))
 }
+
+/// Keys whose message completed and whose confirmation is on its way to the repository. The
+/// acknowledgement callback is synchronous and the repository is not, so without this a
+/// duplicate arriving right after the first message's reply could slip in before the key is
+/// recorded (`eager: false`).
+type Confirming = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
 
 struct IdempotentConsumer {
     key: Arc<dyn JqProgram>,
@@ -173,6 +180,7 @@ struct IdempotentConsumer {
     ttl: Duration,
     eager: bool,
     on_duplicate: OnDuplicate,
+    confirming: Confirming,
 }
 
 #[async_trait]
@@ -187,6 +195,8 @@ impl Processor for IdempotentConsumer {
                 .try_claim(&key, self.ttl)
                 .await
                 .map(|claim| claim == Claim::Claimed)
+        } else if self.is_confirming(&key) {
+            Ok(false)
         } else {
             self.repository.contains(&key).await.map(|seen| !seen)
         };
@@ -199,6 +209,10 @@ impl Processor for IdempotentConsumer {
 }
 
 impl IdempotentConsumer {
+    fn is_confirming(&self, key: &str) -> bool {
+        self.confirming.lock().is_ok_and(|keys| keys.contains(key))
+    }
+
     // The message is moved into the error so it is never lost.
     #[allow(clippy::result_large_err)]
     fn duplicate(&self, msg: Message, key: &str) -> Result<Outputs, Failure> {
@@ -226,10 +240,15 @@ impl IdempotentConsumer {
         let repository = Arc::clone(&self.repository);
         let ttl = self.ttl;
         let eager = self.eager;
+        let confirming = Arc::clone(&self.confirming);
         // The outcome may be decided on any thread (a sink's task, a dropped message), so the
         // repository update runs on the runtime that processes the message.
         let runtime = tokio::runtime::Handle::try_current().ok();
         let token = AckToken::with_callback(move |outcome| {
+            let acked = outcome.is_ack();
+            if acked && let Ok(mut keys) = confirming.lock() {
+                keys.insert(key.clone());
+            }
             let settle = async move {
                 let result = match (&outcome, eager) {
                     (Outcome::Ack, _) => repository.confirm(&key, ttl).await,
@@ -239,6 +258,9 @@ impl IdempotentConsumer {
                 };
                 if let Err(e) = result {
                     tracing::warn!(key, error = %e, "idempotent repository update failed");
+                }
+                if acked && let Ok(mut keys) = confirming.lock() {
+                    keys.remove(&key);
                 }
                 resolve(upstream, &outcome);
             };

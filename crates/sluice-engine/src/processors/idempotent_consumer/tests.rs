@@ -50,6 +50,22 @@ async fn eager_duplicates_in_flight_are_dropped_and_acked_once() {
     );
 }
 
+/// The key is recorded by a task spawned from the acknowledgement; a copy arriving before that
+/// task runs (a client retrying the moment it got its reply) is still a duplicate.
+#[tokio::test(flavor = "current_thread")]
+async fn on_completion_a_copy_right_after_the_ack_is_a_duplicate() {
+    let step = build_one("idempotent_consumer", json!({"key": ".id", "eager": false}));
+    let (first, _first_rx) = order(7);
+    pass(&step, first).await.expect("first passes").ack();
+    // No yield since the ack: on this single-threaded runtime the recording task has not run.
+    let (copy, copy_rx) = order(7);
+    assert!(
+        pass(&step, copy).await.is_none(),
+        "a duplicate, not a second pass"
+    );
+    assert_eq!(copy_rx.await.unwrap(), Outcome::Ack);
+}
+
 #[tokio::test]
 async fn on_completion_lets_copies_in_flight_through_then_records_the_key() {
     let step = build_one("idempotent_consumer", json!({"key": ".id", "eager": false}));
