@@ -135,7 +135,11 @@ def load_round(c, args, body):
     result = {
         "rps": r["requests"] / (r["duration_us"] / 1e6),
         "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000, "p999_ms": r["p999_us"] / 1000,
-        "peak_rss_mb": peak / 2**20, "cpu_s": cpu, "errors": errors, "requests": r["requests"],
+        "peak_rss_mb": peak / 2**20, "cpu_s": cpu,
+        # Requests per CPU-second of the contender: what each request costs, less sensitive than
+        # throughput to whatever else the machine is doing.
+        "req_per_cpu_s": r["requests"] / cpu if cpu > 0 else 0.0,
+        "errors": errors, "requests": r["requests"],
     }
     if c.workload == "w2":
         lines = sum(1 for _ in c.out.open()) if c.out.exists() else 0
@@ -221,7 +225,8 @@ def report(args, names, results):
         for other in names:
             if other != "sluice":
                 ratio = med["sluice"]["rps"] / med[other]["rps"]
-                lines.append(f"- sluice / {other} throughput: **{ratio:.2f}x**")
+                per_cpu = med["sluice"]["req_per_cpu_s"] / med[other]["req_per_cpu_s"]
+                lines.append(f"- sluice / {other}: throughput **{ratio:.2f}x**, requests per CPU-second **{per_cpu:.2f}x**")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = Path(args.out)

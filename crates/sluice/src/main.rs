@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice_core::Resources;
 use sluice_engine::{build, config, docs, runtime::Runtime, testing};
 
+/// mimalloc instead of the system allocator: a message's life is many small allocations (JSON
+/// values, headers, jq values) freed soon after on another worker thread, where glibc's malloc
+/// spent about a quarter of the CPU time of the W1 benchmark (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "sluice",
