@@ -4,19 +4,25 @@
 mod cache;
 mod choice;
 mod claim_check;
+mod cloudevents;
 mod common;
+mod content_filter;
 mod delay;
+mod enrich;
 mod filter;
+mod formats;
 mod idempotent_consumer;
 mod log;
 mod message_key;
 mod named_store;
+mod normalizer;
 mod remove_header;
 mod set_header;
 mod template;
 mod throttle;
 mod transform;
 mod try_catch;
+mod validate;
 
 #[cfg(test)]
 pub(crate) mod testkit;
@@ -38,7 +44,14 @@ pub fn register_all(registry: &mut Registry) {
         .processor(throttle::spec(), throttle::build)
         .processor(delay::spec(), delay::build)
         .processor(cache::spec(), cache::build)
-        .processor(claim_check::spec(), claim_check::build);
+        .processor(claim_check::spec(), claim_check::build)
+        .processor(validate::spec(), validate::build)
+        .processor(formats::parse::spec(), formats::parse::build)
+        .processor(formats::render::spec(), formats::render::build)
+        .processor(cloudevents::spec(), cloudevents::build)
+        .processor(enrich::spec(), enrich::build)
+        .processor(content_filter::spec(), content_filter::build)
+        .processor(normalizer::spec(), normalizer::build);
 }
 
 #[cfg(test)]
@@ -58,16 +71,23 @@ mod tests {
                 "cache",
                 "choice",
                 "claim_check",
+                "cloudevents",
+                "content_filter",
                 "delay",
+                "enrich",
                 "filter",
                 "idempotent_consumer",
                 "log",
+                "normalizer",
+                "parse",
                 "remove_header",
+                "render",
                 "set_header",
                 "template",
                 "throttle",
                 "transform",
-                "try"
+                "try",
+                "validate"
             ]
         );
         for spec in registry.specs() {
