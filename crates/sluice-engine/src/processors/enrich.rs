@@ -55,10 +55,12 @@ is not JSON fails with `invalid_input` before the steps run.",
         .required(),
     )
     .field(
+        // A string rather than `FieldType::Jq`: the loader checks jq fields on their own, where
+        // `$result` is not bound; `build` compiles it with the binding and reports errors there.
         FieldSpec::new(
             "merge",
-            FieldType::Jq,
-            "jq merging the resource into the body: `.` is the body, `$result` the resource.",
+            FieldType::String,
+            "jq merging the resource into the body: `.` is the body, `$result` the resource (compiled at load time).",
         )
         .default_value(DEFAULT_MERGE),
     )

@@ -12,8 +12,9 @@ use sluice_core::{BuildContext, BuildError, Failure, Message, Outputs, ProcessEr
 
 use super::common;
 
-/// The header a failed message carries its violations in, as a JSON array.
-pub const ERRORS_HEADER: &str = "sluice.validation.errors";
+/// The header a failed message carries its violations in, as a JSON array. It is one of the
+/// `sluice.error.*` headers, which the flow copies onto a dead letter.
+pub const ERRORS_HEADER: &str = "sluice.error.violations";
 
 /// Default for `max_errors`.
 const DEFAULT_MAX_ERRORS: usize = 100;
@@ -32,9 +33,10 @@ Validator). A valid message continues unchanged; an invalid one fails the step w
 `<instance JSON pointer>: <what is wrong> (schema <schema JSON pointer>)`, for example \
 `/items/0/qty: -1 is less than the minimum of 1 (schema /properties/items/items/properties/qty/minimum)`. \
 The root of the document is written `(root)`.\n\n\
-The failed message also gets the header `sluice.validation.errors`: a JSON array of \
-`{\"path\": ..., \"schema_path\": ..., \"message\": ...}` objects, so an error handler or a dead \
-letter carries the violations in a machine-readable form.\n\n\
+The failed message also gets the header `sluice.error.violations`: a JSON array of \
+`{\"path\": ..., \"schema_path\": ..., \"message\": ...}` objects (listed as in the error), so \
+`on_error` steps and dead letters (which carry the `sluice.error.*` headers) have the violations \
+in a machine-readable form.\n\n\
 **Schema.** Give exactly one of:\n\
 * `schema`: the schema inline, as YAML (or as a string holding JSON or YAML, which is what \
 `schema: ${file:order.schema.json}` gives: `${file:..}` paths are relative to the flow file).\n\

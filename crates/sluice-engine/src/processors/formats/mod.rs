@@ -192,7 +192,9 @@ pub(crate) fn shape(value: &Value) -> &'static str {
     }
 }
 
-/// The fields both specs share; `rendering` adds `columns` and `root`.
+/// The fields both specs share; `rendering` adds `columns` and `root`. The CSV options state
+/// their defaults in prose, not as spec defaults: the loader would fill them in for every
+/// format, and they are refused for the others.
 fn fields(rendering: bool) -> Vec<FieldSpec> {
     let mut fields = vec![
         FieldSpec::new(
@@ -204,15 +206,13 @@ fn fields(rendering: bool) -> Vec<FieldSpec> {
         FieldSpec::new(
             "delimiter",
             FieldType::String,
-            "CSV only: the field separator, one ASCII character (`\"\\t\"` for tab).",
-        )
-        .default_value(","),
+            "CSV only: the field separator, one ASCII character (`\"\\t\"` for tab); default `,`.",
+        ),
         FieldSpec::new(
             "header",
             FieldType::Bool,
-            "CSV only: whether the first row names the columns (records are objects) or not (records are arrays).",
-        )
-        .default_value(true),
+            "CSV only: whether the first row names the columns (records are objects) or not (records are arrays); default `true`.",
+        ),
     ];
     if rendering {
         fields.push(FieldSpec::new(
