@@ -81,6 +81,11 @@ header fails with `invalid_input`.",
         FieldType::String,
         "Validate this header's value (parsed as JSON when it is JSON, else a string) instead of the body.",
     ))
+    .field(FieldSpec::new(
+        "check_formats",
+        FieldType::Bool,
+        "Whether `format` (`email`, `date-time`, `uuid`, ...) is checked: default as the draft says (drafts 4, 6 and 7 check it; 2019-09 and 2020-12 treat it as an annotation).",
+    ))
     .field(
         FieldSpec::new(
             "max_errors",
@@ -109,6 +114,7 @@ struct Config {
     schema_file: Option<String>,
     draft: Option<String>,
     header: Option<String>,
+    check_formats: Option<bool>,
     max_errors: Option<usize>,
 }
 
@@ -134,6 +140,9 @@ pub fn build(config: &Value, _ctx: &BuildContext<'_>) -> Result<Arc<dyn Processo
     let mut options = jsonschema::options();
     if let Some(draft) = &config.draft {
         options = options.with_draft(parse_draft(draft)?);
+    }
+    if let Some(check) = config.check_formats {
+        options = options.should_validate_formats(check);
     }
     let validator = options
         .build(&schema)
@@ -455,6 +464,31 @@ mod tests {
             .unwrap();
         assert_eq!(e.field.as_deref(), Some("schema"));
         assert!(e.message.contains("invalid JSON Schema"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn formats_are_checked_on_request() {
+        let schema = json!({"type": "string", "format": "email"});
+        let lenient = build_one("validate", json!({"schema": schema}));
+        assert!(
+            process(&lenient, Message::json(json!("nope")))
+                .await
+                .is_ok()
+        );
+        let strict = build_one("validate", json!({"schema": schema, "check_formats": true}));
+        let f = process(&strict, Message::json(json!("nope")))
+            .await
+            .unwrap_err();
+        assert!(
+            f.error.detail.contains("is not a \"email\""),
+            "{}",
+            f.error.detail
+        );
+        assert!(
+            process(&strict, Message::json(json!("a@example.com")))
+                .await
+                .is_ok()
+        );
     }
 
     #[tokio::test]

@@ -146,6 +146,9 @@ impl Options {
 
     /// Parses text of this format into JSON; the error says where and why.
     pub(crate) fn parse(&self, bytes: &[u8]) -> Result<Value, String> {
+        // Spreadsheets and Windows tools start UTF-8 files with a byte order mark; it is not
+        // part of the first column's name.
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
         match self {
             Options::Csv(layout) => csv::parse(bytes, layout),
             Options::Xml { .. } => {

@@ -27,7 +27,8 @@ Headers, metadata and acknowledgement are kept; `content-type` becomes `applicat
 array of objects, one per record; with `header: false`, an array of arrays. Every field is a \
 string (CSV has no types: cast in jq with `tonumber`). Fields may be quoted (`\"a, b\"`, `\"\"` \
 for a quote); lines end with LF or CRLF. Under a header, a record with a different number of \
-fields is an error; without one, records may be ragged. An empty body is `[]`. When two columns \
+fields is an error; without one, records may be ragged. An empty body is `[]`. A leading UTF-8 \
+byte order mark (as spreadsheets write) is skipped, in every format. When two columns \
 have the same name, the last one wins.\n\
 * `xml`: see the convention below.\n\
 * `form`: `application/x-www-form-urlencoded` (`a=1&b=x+y`) becomes a flat object of strings; a \
@@ -138,6 +139,20 @@ mod tests {
             out[0].body.json().unwrap(),
             &json!({"a": ["1", "2"], "b": "é"})
         );
+    }
+
+    #[tokio::test]
+    async fn a_byte_order_mark_is_not_part_of_the_data() {
+        let step = build_one("parse", json!("csv"));
+        let out = process(&step, Message::bytes(&b"\xEF\xBB\xBFid\n1\n"[..]))
+            .await
+            .unwrap();
+        assert_eq!(out[0].body.json().unwrap(), &json!([{"id": "1"}]));
+        let step = build_one("parse", json!("xml"));
+        let out = process(&step, Message::bytes(&b"\xEF\xBB\xBF<a>1</a>"[..]))
+            .await
+            .unwrap();
+        assert_eq!(out[0].body.json().unwrap(), &json!({"a": "1"}));
     }
 
     #[tokio::test]
