@@ -53,7 +53,7 @@ text), and `datacontenttype` the `content-type` header (default `application/jso
 is checked.\n\n\
 Either way the required attributes are checked: `id`, `source` and `type` must be present and \
 non-empty, and `specversion` must be `1.0`. A violation fails the step with `invalid_input` \
-naming the attribute, e.g. `CloudEvent attribute \\`type\\` is missing`.\n\n\
+naming the attribute, e.g. \"CloudEvent attribute `type` is missing\".\n\n\
 **`direction: out`** produces an event from the message. Its attributes are, in order of \
 precedence: the step's options (`source`, `type`, `subject`: a literal string, or `{jq: expr}` \
 evaluated on the body with `$headers` and `$meta`), the message's `ce-` headers (so an event read \

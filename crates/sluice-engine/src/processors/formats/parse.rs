@@ -34,7 +34,7 @@ have the same name, the last one wins.\n\
 * `form`: `application/x-www-form-urlencoded` (`a=1&b=x+y`) becomes a flat object of strings; a \
 key given more than once becomes an array of its values, in order. Malformed escapes are kept as \
 they are, as browsers do, so a form body never fails to parse.\n\n\
-Bad input fails the step with `invalid_input` saying where: `record 3 (line 4): has 2 fields but \
+Bad input fails the step with `invalid_input` saying where: `record 3 (line 3): has 2 fields but \
 the header has 3` for CSV (records are counted from 1, the header included), `line 2, column 9: \
 ...` for XML.\n\n",
         xml_convention!()
