@@ -35,7 +35,8 @@ when none of them is there); an array under `[]` keeps every element, each filte
 way; a path that names a missing member, or goes through a value of another type (a `sku` \
 inside a string), contributes nothing. A body that is neither an object nor an array, where a \
 path needs one, fails with `invalid_input`.\n\
-* `remove`: each path's member is deleted where it exists; missing members are ignored.\n\n\
+* `remove`: each path's member is deleted where it exists; missing members are ignored. A path \
+ending in `[]` (`tags[]`) empties the array but keeps it.\n\n\
 A body that is not valid JSON fails with `invalid_input`.",
     )
     .field(FieldSpec::new(
@@ -337,6 +338,17 @@ mod tests {
                 "odd key": true
             })
         );
+    }
+
+    #[tokio::test]
+    async fn removing_every_element_keeps_an_empty_array() {
+        let left = filter(
+            json!({"remove": ["tags[]"]}),
+            json!({"tags": [1, 2], "n": 1}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(left, json!({"tags": [], "n": 1}));
     }
 
     #[tokio::test]

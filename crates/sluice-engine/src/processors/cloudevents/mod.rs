@@ -64,7 +64,8 @@ with `direction: in` goes out unchanged), then defaults: `id` is the message id,
 application/cloudevents+json`; the `ce-` headers move into the envelope. A JSON body (or no \
 `content-type` and a JSON body) is `data`; a UTF-8 text body is a string `data`; anything else \
 is `data_base64`. The original `content-type` becomes `datacontenttype`.\n\n\
-Attribute values are not otherwise validated (`time` is carried as written).",
+Attribute values are not otherwise validated (`time` is carried as written). Batched mode \
+(`application/cloudevents-batch+json`) is not supported: split the batch first.",
     )
     .field(
         FieldSpec::new(
