@@ -4,17 +4,22 @@
 mod cache;
 mod choice;
 mod claim_check;
+mod cloudevents;
 mod common;
+mod content_filter;
 mod delay;
 mod dynamic_router;
+mod enrich;
 mod fanout;
 mod filter;
+mod formats;
 mod idempotent_consumer;
 mod load_balance;
 mod log;
 mod message_key;
 mod multicast;
 mod named_store;
+mod normalizer;
 mod recipient_list;
 mod remove_header;
 mod routes;
@@ -25,6 +30,7 @@ mod template;
 mod throttle;
 mod transform;
 mod try_catch;
+mod validate;
 mod wire_tap;
 
 #[cfg(test)]
@@ -54,7 +60,14 @@ pub fn register_all(registry: &mut Registry) {
         .processor(scatter_gather::spec(), scatter_gather::build)
         .processor(routing_slip::spec(), routing_slip::build)
         .processor(dynamic_router::spec(), dynamic_router::build)
-        .processor(load_balance::spec(), load_balance::build);
+        .processor(load_balance::spec(), load_balance::build)
+        .processor(validate::spec(), validate::build)
+        .processor(formats::parse::spec(), formats::parse::build)
+        .processor(formats::render::spec(), formats::render::build)
+        .processor(cloudevents::spec(), cloudevents::build)
+        .processor(enrich::spec(), enrich::build)
+        .processor(content_filter::spec(), content_filter::build)
+        .processor(normalizer::spec(), normalizer::build);
 }
 
 #[cfg(test)]
@@ -74,15 +87,21 @@ mod tests {
                 "cache",
                 "choice",
                 "claim_check",
+                "cloudevents",
+                "content_filter",
                 "delay",
                 "dynamic_router",
+                "enrich",
                 "filter",
                 "idempotent_consumer",
                 "load_balance",
                 "log",
                 "multicast",
+                "normalizer",
+                "parse",
                 "recipient_list",
                 "remove_header",
+                "render",
                 "routing_slip",
                 "scatter_gather",
                 "set_header",
@@ -90,6 +109,7 @@ mod tests {
                 "throttle",
                 "transform",
                 "try",
+                "validate",
                 "wire_tap"
             ]
         );
