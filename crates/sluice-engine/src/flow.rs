@@ -146,17 +146,8 @@ impl Dispatch for Downstream {
             return Err(failure);
         };
         flow.metrics.received();
-        let result = match self.run(msg).await {
-            Ok(outputs) => flow.deliver(outputs).await,
-            Err(failure) => Err(failure),
-        };
-        match result {
-            Ok(replies) => {
-                flow.metrics.finished(Finish::Completed);
-                Ok(replies)
-            }
-            Err(failure) => flow.handle(failure, None).await,
-        }
+        let processed = self.run(msg).await;
+        flow.complete(processed, None).await
     }
 }
 
@@ -304,11 +295,22 @@ impl Flow {
             .dead_letter
             .as_ref()
             .map(|_| place.msg.detached());
-        let result = match self.pipeline.process(place.msg).await {
+        let processed = self.pipeline.process(place.msg).await;
+        self.complete(processed, original).await
+    }
+
+    /// Takes what the steps made of a message to the targets, then to the error handling if
+    /// anything failed on the way.
+    async fn complete(
+        &self,
+        processed: Result<Outputs, Failure>,
+        original: Option<Message>,
+    ) -> Result<Vec<Message>, Failure> {
+        let delivered = match processed {
             Ok(outputs) => self.deliver(outputs).await,
             Err(failure) => Err(failure),
         };
-        match result {
+        match delivered {
             Ok(replies) => {
                 self.metrics.finished(Finish::Completed);
                 Ok(replies)
