@@ -1,6 +1,7 @@
 //! Built-in processors (steps), one file each, named after the Enterprise Integration Patterns
 //! they implement where one applies.
 
+mod aggregate;
 mod cache;
 mod choice;
 mod claim_check;
@@ -12,7 +13,9 @@ mod log;
 mod message_key;
 mod named_store;
 mod remove_header;
+mod resequence;
 mod set_header;
+mod split;
 mod template;
 mod throttle;
 mod transform;
@@ -38,7 +41,10 @@ pub fn register_all(registry: &mut Registry) {
         .processor(throttle::spec(), throttle::build)
         .processor(delay::spec(), delay::build)
         .processor(cache::spec(), cache::build)
-        .processor(claim_check::spec(), claim_check::build);
+        .processor(claim_check::spec(), claim_check::build)
+        .processor(split::spec(), split::build)
+        .processor(aggregate::spec(), aggregate::build)
+        .processor(resequence::spec(), resequence::build);
 }
 
 #[cfg(test)]
@@ -55,6 +61,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "aggregate",
                 "cache",
                 "choice",
                 "claim_check",
@@ -63,7 +70,9 @@ mod tests {
                 "idempotent_consumer",
                 "log",
                 "remove_header",
+                "resequence",
                 "set_header",
+                "split",
                 "template",
                 "throttle",
                 "transform",
