@@ -150,11 +150,17 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
             format!("`{field}` applies only with `mode: {mode}`; remove it"),
         )
     };
+    // The loader fills in every default, so only a value other than the default is an error.
+    let set = |value: Option<usize>, default: usize| value.is_some_and(|v| v != default);
     match config.mode {
         Mode::Batch if config.start.is_some() => return Err(only_for("start", "stream")),
-        Mode::Batch if config.capacity.is_some() => return Err(only_for("capacity", "stream")),
-        Mode::Batch if config.on_full.is_some() => return Err(only_for("on_full", "stream")),
-        Mode::Stream if config.batch_size.is_some() => {
+        Mode::Batch if set(config.capacity, DEFAULT_CAPACITY) => {
+            return Err(only_for("capacity", "stream"));
+        }
+        Mode::Batch if config.on_full.is_some_and(|f| f != OnFull::default()) => {
+            return Err(only_for("on_full", "stream"));
+        }
+        Mode::Stream if set(config.batch_size, DEFAULT_BATCH_SIZE) => {
             return Err(only_for("batch_size", "batch"));
         }
         _ => {}

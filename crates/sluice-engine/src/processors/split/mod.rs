@@ -183,16 +183,22 @@ fn default_max_parts() -> usize {
 /// Builds the step.
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
     let config: Config = common::config(config)?;
+    // The loader fills in every default, so only a value other than the default is an error.
     let only_for = |field: &str, by: &str| {
         BuildError::field(
             field,
             format!("`{field}` applies only with `by: {by}`; remove it"),
         )
     };
-    if config.by != By::Json && config.path.is_some() {
+    if config.by != By::Json
+        && config
+            .path
+            .as_deref()
+            .is_some_and(|p| p.trim() != DEFAULT_PATH)
+    {
         return Err(only_for("path", "json"));
     }
-    if config.by != By::Csv && config.delimiter.is_some() {
+    if config.by != By::Csv && config.delimiter.as_deref().is_some_and(|d| d != ",") {
         return Err(only_for("delimiter", "csv"));
     }
     if config.by != By::Xml && config.element.is_some() {
