@@ -79,8 +79,10 @@ with at most `parallel` parts in flight, so memory holds the source body, a 16-b
 per part (or the values for `by: json`) and `parallel` parts, not every part at once. Each \
 streamed part gets the flow's error handling (`on_error`, `dead_letter`) on its own; the first \
 part that fails terminally (not dead-lettered) stops the split: no further part is sent, parts \
-in flight finish, and the step fails with that part's error. A streamed split replies nothing \
-(its parts' results went to the targets). With `parallel` above 1, parts may reach the targets \
+in flight finish, and the step fails with that part's error (so the source message meets the \
+flow's error handling too, and a request-reply caller hears of the failure). A streamed split \
+replies nothing (its parts' results went to the targets). The source body itself is held whole \
+(sources hand over complete bodies): streaming bounds the parts, not the input. With `parallel` above 1, parts may reach the targets \
 out of order. Streamed parts leave the enclosing step (a `try` or `choice` around `split` does \
 not see them), so keep large splits at the top level of a flow.",
     )
@@ -138,7 +140,10 @@ not see them), so keep large splits at the top level of a flow.",
         .default_value(DEFAULT_MAX_PARTS),
     )
     .example("Each item of an order", "path: '.items[]'\n")
-    .example("Each line of a log file, four at a time", "by: lines\nparallel: 4\n")
+    .example(
+        "Stream each line of a log file, four lines in flight at a time",
+        "by: lines\nstream_above: 0\nparallel: 4\n",
+    )
     .example("Each record of a semicolon-separated file", "by: csv\ndelimiter: ';'\n")
     .example("Each <order> element of an XML document", "by: xml\nelement: order\n")
 }
