@@ -309,3 +309,44 @@ fn a_completion_condition_is_required() {
         .unwrap();
     assert_eq!(e.field.as_deref(), Some("timeout"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_input_is_acked_exactly_once_after_the_downstream_commit() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (step, downstream) = build_with_downstream(
+        "aggregate",
+        json!({"correlation": "$headers.k", "size": 2, "timeout": "1s"}),
+    );
+    let acks: Arc<Vec<AtomicUsize>> = Arc::new((0..3).map(|_| AtomicUsize::new(0)).collect());
+    let counted = |i: usize, key: &str| {
+        let acks = Arc::clone(&acks);
+        let token = AckToken::with_callback(move |outcome| {
+            assert_eq!(outcome, Outcome::Ack);
+            acks[i].fetch_add(1, Ordering::SeqCst);
+        });
+        Message::json(json!(i))
+            .with_header("k", key)
+            .with_ack(token)
+    };
+    // Two complete by size (an output), the third by its timeout (downstream).
+    process(&step, counted(0, "a")).await.unwrap();
+    process(&step, counted(2, "b")).await.unwrap();
+    let by_size = process(&step, counted(1, "a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1001)).await;
+    let by_timer = downstream.take();
+    assert_eq!((by_size.len(), by_timer.len()), (1, 1));
+    let seen = || {
+        acks.iter()
+            .map(|a| a.load(Ordering::SeqCst))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        seen(),
+        [0, 0, 0],
+        "nothing is acked before the aggregates commit"
+    );
+    by_size.into_iter().for_each(Message::ack);
+    assert_eq!(seen(), [1, 1, 0]);
+    by_timer.into_iter().for_each(Message::ack);
+    assert_eq!(seen(), [1, 1, 1]);
+}
