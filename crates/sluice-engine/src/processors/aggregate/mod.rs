@@ -416,8 +416,11 @@ impl Inner {
             None
         };
         if let Some(by) = completed_by {
-            let group = open.groups.remove(&key);
             let entries = self.repository.remove(&key).await;
+            // Present: it was looked up above, under the same lock.
+            let Some(group) = open.groups.remove(&key) else {
+                return Ok(None);
+            };
             drop(open);
             return self.finish(&key, group, entries, by).await.map(Some);
         }
@@ -473,17 +476,10 @@ impl Inner {
     async fn finish(
         &self,
         key: &str,
-        group: Option<Group>,
+        group: Group,
         entries: Result<Option<Vec<GroupEntry>>, ProcessError>,
         by: CompletedBy,
     ) -> Result<Message, Failure> {
-        let Some(group) = group else {
-            // The map and the repository change together under the lock; nothing to complete.
-            return Err(Failure::new(
-                Message::new(Body::default()),
-                ProcessError::new(ErrorKind::Internal, format!("group `{key}` vanished")),
-            ));
-        };
         let entries = match entries {
             Ok(entries) => entries.unwrap_or_default(),
             Err(e) => return Err(Failure::new(group.carrier, e)),
@@ -555,7 +551,9 @@ impl Inner {
                     deadline = quiet_until;
                     continue;
                 }
-                let group = open.groups.remove(&key);
+                let Some(group) = open.groups.remove(&key) else {
+                    return;
+                };
                 let entries = this.repository.remove(&key).await;
                 drop(open);
                 let result = this
@@ -595,7 +593,7 @@ impl Inner {
                     let this = Arc::clone(&this);
                     async move {
                         let result = this
-                            .finish(&key, Some(group), entries, CompletedBy::Interval)
+                            .finish(&key, group, entries, CompletedBy::Interval)
                             .await;
                         this.emit(result).await;
                     }
