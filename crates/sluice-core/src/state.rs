@@ -1,5 +1,5 @@
-//! Storage behind stateful steps: the idempotent consumer's repository, the cache's store and the
-//! claim check's store.
+//! Storage behind stateful steps: the idempotent consumer's repository, the cache's store, the
+//! claim check's store and the aggregator's repository.
 //!
 //! The engine ships in-memory implementations; a persistent store or a remote one (Redis) can
 //! implement the same traits. Keys are strings and lifetimes are durations so any key-value
@@ -92,4 +92,45 @@ pub trait ClaimCheckStore: Send + Sync + 'static {
 
     /// The body under `claim`, removed from the store when `remove` is true.
     async fn check_out(&self, claim: &str, remove: bool) -> Result<Option<Body>, ProcessError>;
+}
+
+/// One message kept in an aggregation group: what the aggregation needs of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupEntry {
+    /// The message's body.
+    pub body: Body,
+    /// The message's headers.
+    pub headers: Headers,
+}
+
+/// Keeps the groups of the `aggregate` step (EIP Aggregator) between their messages.
+///
+/// A group is an ordered list of [`GroupEntry`]s under a correlation key. The repository holds
+/// content only: the acknowledgement shares of the messages stay with the step in memory (an
+/// acknowledgement cannot outlive the process), so after a restart a persistent repository may
+/// hold entries whose messages the source redelivers; such a repository should store entries with
+/// an id it can deduplicate on (the engine's in-memory repository does not need to).
+///
+/// # Contract
+/// * [`append`](Self::append) adds `entry` at the end of the group `key`, creating the group if
+///   needed, and returns the group's size afterwards. A repository that is full fails with
+///   [`ErrorKind::Unavailable`](crate::ErrorKind::Unavailable).
+/// * [`entries`](Self::entries) returns the group's entries in the order they were appended, or
+///   `None` for a group that does not exist.
+/// * [`remove`](Self::remove) removes the group and returns its entries; a completed group is
+///   removed exactly once.
+/// * [`group_count`](Self::group_count) is the number of groups held.
+#[async_trait]
+pub trait AggregationRepository: Send + Sync + 'static {
+    /// Appends `entry` to the group `key`; the group's size afterwards.
+    async fn append(&self, key: &str, entry: GroupEntry) -> Result<usize, ProcessError>;
+
+    /// The entries of the group `key`, oldest first.
+    async fn entries(&self, key: &str) -> Result<Option<Vec<GroupEntry>>, ProcessError>;
+
+    /// Removes the group `key`, returning its entries.
+    async fn remove(&self, key: &str) -> Result<Option<Vec<GroupEntry>>, ProcessError>;
+
+    /// How many groups are held.
+    async fn group_count(&self) -> Result<usize, ProcessError>;
 }

@@ -174,6 +174,10 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
             .failures
             .push(format!("the flow failed: {error} (kind `{}`)", error.kind));
     }
+    // Each target's messages are taken once, so several expectations can look at one target
+    // (the first and the last message of a resequenced stream, say).
+    let mut by_target: std::collections::HashMap<&str, Vec<Message>> =
+        std::collections::HashMap::new();
     for (i, expectation) in test.expect.iter().enumerate() {
         let label = format!("expect[{i}] ({})", expectation.target);
         if expectation.target == ERROR_TARGET {
@@ -181,11 +185,13 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
             continue;
         }
         let messages = if expectation.target == REPLY_TARGET {
-            replies.clone()
+            &replies
         } else {
-            captured.take(&expectation.target)
+            by_target
+                .entry(expectation.target.as_str())
+                .or_insert_with(|| captured.take(&expectation.target))
         };
-        check_messages(expectation, &messages, &label, &mut result.failures).await;
+        check_messages(expectation, messages, &label, &mut result.failures).await;
     }
     result
 }

@@ -1,6 +1,7 @@
 //! Built-in processors (steps), one file each, named after the Enterprise Integration Patterns
 //! they implement where one applies.
 
+mod aggregate;
 mod cache;
 mod choice;
 mod claim_check;
@@ -22,10 +23,12 @@ mod named_store;
 mod normalizer;
 mod recipient_list;
 mod remove_header;
+mod resequence;
 mod routes;
 mod routing_slip;
 mod scatter_gather;
 mod set_header;
+mod split;
 mod template;
 mod throttle;
 mod transform;
@@ -67,7 +70,10 @@ pub fn register_all(registry: &mut Registry) {
         .processor(cloudevents::spec(), cloudevents::build)
         .processor(enrich::spec(), enrich::build)
         .processor(content_filter::spec(), content_filter::build)
-        .processor(normalizer::spec(), normalizer::build);
+        .processor(normalizer::spec(), normalizer::build)
+        .processor(split::spec(), split::build)
+        .processor(aggregate::spec(), aggregate::build)
+        .processor(resequence::spec(), resequence::build);
 }
 
 #[cfg(test)]
@@ -84,6 +90,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "aggregate",
                 "cache",
                 "choice",
                 "claim_check",
@@ -102,9 +109,11 @@ mod tests {
                 "recipient_list",
                 "remove_header",
                 "render",
+                "resequence",
                 "routing_slip",
                 "scatter_gather",
                 "set_header",
+                "split",
                 "template",
                 "throttle",
                 "transform",

@@ -218,7 +218,6 @@ mod tests {
 
     /// `{filter: ...}` on a non-JSON body fails with invalid_input; `transform: error(..)` fails
     /// with expression.
-    #[allow(clippy::needless_pass_by_value)]
     fn failing_try(catch: Value, finally: Option<Value>) -> Arc<dyn Processor> {
         let mut config = json!({
             "steps": [{"transform": "if .fail then error(\"boom\") else . + {tried: true} end"}],
