@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    BuildContext, BuildError, ErrorKind, Message, ProcessError, Registry, Sink, Source,
+    BuildContext, BuildError, Dispatch, ErrorKind, Message, ProcessError, Registry, Sink, Source,
     SourceContext, SourceError,
 };
 use tokio::sync::{Semaphore, mpsc};
@@ -49,7 +49,7 @@ pub struct StepSends {
 }
 
 /// The channels step `component` (and any step nested in its `config`) sends to: a `wire_tap`'s
-/// `channel`, a `recipient_list`'s `recipients`; a `recipient_list` with an `expression` is
+/// or a `call`'s `channel`, a `recipient_list`'s `recipients`; a `recipient_list` with an `expression` is
 /// dynamic. Used by the loader to check that every channel has both ends.
 pub fn sent_to_by_step(component: &str, config: &Value) -> StepSends {
     let mut sends = StepSends::default();
@@ -72,6 +72,8 @@ fn collect_sends(component: &str, config: &Value, sends: &mut StepSends) {
     match (component, config) {
         ("wire_tap", Value::String(_)) => sends.names.extend(names(Some(config))),
         ("wire_tap", Value::Object(o)) => sends.names.extend(names(o.get("channel"))),
+        ("call", Value::String(_)) => sends.names.extend(names(Some(config))),
+        ("call", Value::Object(o)) => sends.names.extend(names(o.get("channel"))),
         ("recipient_list", Value::Array(_)) => sends.names.extend(names(Some(config))),
         ("recipient_list", Value::Object(o)) => {
             sends.names.extend(names(o.get("recipients")));
@@ -150,6 +152,8 @@ pub struct Channels {
     queues: Mutex<HashMap<String, Queue>>,
     capacities: Mutex<HashMap<String, usize>>,
     readers: Mutex<HashSet<String>>,
+    /// The flow behind each channel whose source is running, for `call` (request-reply).
+    serving: Mutex<HashMap<String, Arc<dyn Dispatch>>>,
     capture: OnceLock<Captured>,
 }
 
@@ -168,6 +172,25 @@ impl Channels {
     /// Whether a flow reading channel `name` has been built.
     pub fn has_reader(&self, name: &str) -> bool {
         self.readers.lock().is_ok_and(|r| r.contains(name))
+    }
+
+    /// The running flow that reads channel `name`, to call directly and wait for its reply.
+    pub fn serving(&self, name: &str) -> Option<Arc<dyn Dispatch>> {
+        self.serving.lock().ok()?.get(name).cloned()
+    }
+
+    pub(crate) fn set_serving(&self, name: &str, flow: Option<Arc<dyn Dispatch>>) {
+        if let Ok(mut serving) = self.serving.lock() {
+            match flow {
+                Some(flow) => serving.insert(name.to_owned(), flow),
+                None => serving.remove(name),
+            };
+        }
+    }
+
+    /// Under `sluice test`: where messages sent to channels are recorded.
+    pub(crate) fn captured(&self) -> Option<&Captured> {
+        self.capture.get()
     }
 
     /// For flow tests: messages sent to any channel are recorded in `captured` under
@@ -298,6 +321,7 @@ impl Source for ChannelSource {
         let mut rx = channels.take_receiver(&self.name).ok_or_else(|| {
             SourceError::Other(format!("channel `{}` already has a reader", self.name))
         })?;
+        channels.set_serving(&self.name, Some(Arc::clone(&ctx.dispatcher)));
         let permits = Arc::new(Semaphore::new(self.concurrency));
         loop {
             let permit = tokio::select! {
@@ -322,6 +346,7 @@ impl Source for ChannelSource {
                 drop(permit);
             });
         }
+        channels.set_serving(&self.name, None);
         // Wait for in-flight messages; what is still queued is dropped and so nacked upstream.
         let _ = permits
             .acquire_many(u32::try_from(self.concurrency).unwrap_or(u32::MAX))

@@ -164,3 +164,36 @@ flows:
 
     runtime.shutdown(Duration::from_secs(5)).await;
 }
+
+/// `call` over real channels: an HTTP flow calls a process flow, which enriches from a system
+/// flow; each answers the one before it, and a failure deep down reaches the HTTP caller.
+#[tokio::test]
+async fn flows_answer_each_other_through_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/eip/request_reply.yaml"
+    ))
+    .unwrap()
+    .replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    let flows = write_flow(&dir, "request_reply.yaml", &text);
+    let runtime = start(&[flows], Some(port)).await;
+    let url = format!("http://127.0.0.1:{port}/eip/request-reply");
+
+    let ok = request("POST", &url, r#"{"order":"o-1","customer":"c-7","qty":3}"#).await;
+    assert_eq!(ok.status, 200, "{}", String::from_utf8_lossy(&ok.body));
+    assert_eq!(
+        ok.json(),
+        json!({"order": "o-1", "total": 27.0, "customer": "Ada"})
+    );
+
+    let unknown = request("POST", &url, r#"{"order":"o-2","customer":"c-0","qty":1}"#).await;
+    assert!(unknown.status >= 400, "status {}", unknown.status);
+    let body = String::from_utf8_lossy(&unknown.body);
+    assert!(
+        body.contains("unknown customer c-0") && body.contains("rr-customers"),
+        "{body}"
+    );
+    runtime.shutdown(Duration::from_secs(5)).await;
+}

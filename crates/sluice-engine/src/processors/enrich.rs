@@ -28,7 +28,7 @@ pub fn spec() -> ComponentSpec {
         "Fetch a resource with nested steps and merge it into the body",
     )
     .description(
-        "Runs the nested `steps` (typically an `http` request, a cache lookup or a `transform`) on \
+        "Runs the nested `steps` (typically an `http` request, a `call` to another flow, a cache lookup or a `transform`) on \
 a **copy** of the message to obtain a resource, then merges that resource into the original body \
 with the jq expression `merge` (EIP Content Enricher). In `merge`, `.` is the original body, \
 `$result` is the resource's body (JSON, or a string when it is not JSON), and `$headers`/`$meta` \

@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod cache;
+mod call;
 mod choice;
 mod claim_check;
 mod cloudevents;
@@ -45,6 +46,7 @@ use sluice_core::Registry;
 pub fn register_all(registry: &mut Registry) {
     registry
         .processor(transform::spec(), transform::build)
+        .processor(call::spec(), call::build)
         .processor(template::spec(), template::build)
         .processor(set_header::spec(), set_header::build)
         .processor(remove_header::spec(), remove_header::build)
@@ -92,6 +94,7 @@ mod tests {
             [
                 "aggregate",
                 "cache",
+                "call",
                 "choice",
                 "claim_check",
                 "cloudevents",
