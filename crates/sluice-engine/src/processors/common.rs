@@ -36,3 +36,28 @@ pub(crate) fn json_body(msg: Message) -> Result<(Message, Arc<Value>), Failure> 
 pub(crate) fn one(msg: Message) -> Outputs {
     std::iter::once(msg).collect()
 }
+
+/// "an object", "a string", ...: what a JSON value is, for error messages. Shared so every
+/// step names a wrong shape in the same words.
+pub(crate) fn value_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A content type's media type, lowercased and without parameters
+/// (`Text/CSV; charset=utf-8` is `text/csv`). Steps that dispatch on the content type
+/// compare this, so that parameters and letter case never change their choice.
+pub(crate) fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
