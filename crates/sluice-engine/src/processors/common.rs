@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sluice_core::{BuildError, Failure, Message, Outputs, ProcessError};
+use sluice_core::{Body, BuildError, Failure, Message, Outputs, ProcessError};
 
 use crate::expr::template::{self, Template};
 
@@ -30,6 +30,15 @@ pub(crate) fn json_body(msg: Message) -> Result<(Message, Arc<Value>), Failure> 
             ProcessError::invalid_input(e.to_string()),
         )),
     }
+}
+
+/// Replaces the body with `value` and labels it `application/json`. Every step that turns the
+/// body into JSON uses it, because whatever the body was before, its content type must not
+/// outlive it: a reply or a forwarded request would claim a form post, say, while carrying JSON.
+pub(crate) fn set_json_body(msg: &mut Message, value: Value) {
+    msg.body = Body::from_json(value);
+    msg.headers
+        .insert("content-type".to_owned(), "application/json".to_owned());
 }
 
 /// One message out.
