@@ -9,6 +9,8 @@ use sluice_core::state::ClaimCheckStore;
 use sluice_core::{Body, ErrorKind, ProcessError};
 use tokio::time::Instant;
 
+use crate::processors::ttl;
+
 /// Bodies kept for their time to live, at most `max_bytes` of them in total. A full store refuses
 /// new bodies (`unavailable`) rather than dropping bodies whose claims are still travelling; a
 /// body larger than the whole store is `rejected`.
@@ -105,9 +107,7 @@ a body of {size} bytes does not fit (check bodies out, shorten `ttl` or raise `m
         }
         let seq = table.next_seq;
         table.next_seq += 1;
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let expires_at = ttl::expires_at(now, ttl);
         table.by_expiry.insert((expires_at, seq), claim.to_owned());
         table.used_bytes += size;
         table.bodies.insert(

@@ -9,6 +9,8 @@ use sluice_core::state::{Claim, IdempotentRepository};
 use sluice_core::{ErrorKind, ProcessError};
 use tokio::time::Instant;
 
+use crate::processors::ttl;
+
 /// Keys held in memory for their time to live, at most `max_keys` of them.
 ///
 /// Expired keys are purged first (oldest expiry first). When every slot holds a live key, the
@@ -109,10 +111,7 @@ impl Table {
         self.remove(key);
         let seq = self.next_seq;
         self.next_seq += 1;
-        // A TTL too large for the clock means "until the process stops".
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let expires_at = ttl::expires_at(now, ttl);
         self.by_expiry.insert((expires_at, seq), key.to_owned());
         self.keys.insert(
             key.to_owned(),
