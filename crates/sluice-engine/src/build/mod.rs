@@ -17,6 +17,7 @@ pub use capture::{CaptureSink, Captured};
 pub use mock::test_body as mock_body;
 
 use crate::config::model::{ComponentUse, FlowDef, Project, TestMessage};
+use crate::config::node::Node;
 use crate::config::{Diagnostic, Diagnostics};
 use crate::expr;
 use crate::flow::{
@@ -384,20 +385,28 @@ impl Ctx<'_> {
         };
         let path = format!("{}.fallback", policies.path);
         let id_prefix = format!("{}.fallback", self.owner.id);
-        let uses = crate::config::load::nested_steps(
-            self.registry,
-            node,
-            &path,
-            &id_prefix,
-            &self.def.file,
-        )
-        .map_err(|d| {
-            if let Ok(mut diags) = self.diags.lock() {
-                diags.extend(d);
-            }
-            BuildError::new(ALREADY_REPORTED)
-        })?;
-        let pipeline = build_steps(
+        let pipeline = self.nested_pipeline(node, &path, &id_prefix)?;
+        Ok(Some(Arc::new(pipeline)))
+    }
+
+    /// Validates the step list at `node` and builds it to continue into this component's
+    /// downstream. Shared by nested `steps:` fields and breaker fallbacks so both report
+    /// their problems at the nested location and chain the same way.
+    fn nested_pipeline(
+        &self,
+        node: &Node,
+        path: &str,
+        id_prefix: &str,
+    ) -> Result<Pipeline, BuildError> {
+        let uses =
+            crate::config::load::nested_steps(self.registry, node, path, id_prefix, &self.def.file)
+                .map_err(|d| {
+                    if let Ok(mut diags) = self.diags.lock() {
+                        diags.extend(d);
+                    }
+                    BuildError::new(ALREADY_REPORTED)
+                })?;
+        Ok(build_steps(
             self.def,
             &uses,
             self.registry,
@@ -405,8 +414,7 @@ impl Ctx<'_> {
             self.diags,
             self.mocks,
             (Some(Arc::clone(&self.downstream)), &self.flow),
-        );
-        Ok(Some(Arc::new(pipeline)))
+        ))
     }
 }
 
@@ -432,29 +440,10 @@ impl StepBuilder for Ctx<'_> {
             .ok_or_else(|| BuildError::field(field, "no steps at this field"))?;
         let path = format!("{}.{field}", self.owner.path);
         let id_prefix = format!("{}.{field}", self.owner.id);
-        let uses = crate::config::load::nested_steps(
-            self.registry,
-            node,
-            &path,
-            &id_prefix,
-            &self.def.file,
-        )
-        .map_err(|d| {
-            if let Ok(mut diags) = self.diags.lock() {
-                diags.extend(d);
-            }
-            BuildError::new(ALREADY_REPORTED)
-        })?;
+        // Validation problems come back as an error; build problems are only recorded, so
+        // they are detected by the count of diagnostics growing.
         let before = self.diags.lock().map_or(0, |d| d.len());
-        let pipeline = build_steps(
-            self.def,
-            &uses,
-            self.registry,
-            self.resources,
-            self.diags,
-            self.mocks,
-            (Some(Arc::clone(&self.downstream)), &self.flow),
-        );
+        let pipeline = self.nested_pipeline(node, &path, &id_prefix)?;
         let after = self.diags.lock().map_or(0, |d| d.len());
         if after > before {
             return Err(BuildError::new(ALREADY_REPORTED));

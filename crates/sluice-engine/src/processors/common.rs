@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use sluice_core::{BuildError, Failure, Message, Outputs, ProcessError};
+use sluice_core::{Body, BuildError, Failure, Message, Outputs, ProcessError};
 
 use crate::expr::template::{self, Template};
 
@@ -32,7 +32,41 @@ pub(crate) fn json_body(msg: Message) -> Result<(Message, Arc<Value>), Failure> 
     }
 }
 
+/// Replaces the body with `value` and labels it `application/json`. Every step that turns the
+/// body into JSON uses it, because whatever the body was before, its content type must not
+/// outlive it: a reply or a forwarded request would claim a form post, say, while carrying JSON.
+pub(crate) fn set_json_body(msg: &mut Message, value: Value) {
+    msg.body = Body::from_json(value);
+    msg.headers
+        .insert("content-type".to_owned(), "application/json".to_owned());
+}
+
 /// One message out.
 pub(crate) fn one(msg: Message) -> Outputs {
     std::iter::once(msg).collect()
+}
+
+/// "an object", "a string", ...: what a JSON value is, for error messages. Shared so every
+/// step names a wrong shape in the same words.
+pub(crate) fn value_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A content type's media type, lowercased and without parameters
+/// (`Text/CSV; charset=utf-8` is `text/csv`). Steps that dispatch on the content type
+/// compare this, so that parameters and letter case never change their choice.
+pub(crate) fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
 }

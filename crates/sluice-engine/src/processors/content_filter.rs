@@ -230,7 +230,7 @@ impl Processor for ContentFilter {
                     } else {
                         format!(
                             "`keep` selects members of an object or elements of an array, but the body is {}",
-                            super::formats::shape(&body)
+                            common::value_kind(&body)
                         )
                     });
                     return Err(Failure::new(msg, e));

@@ -48,14 +48,7 @@ failure inside a route is the failure of the step.",
         )
         .required(),
     )
-    .field(
-        FieldSpec::new(
-            "routes",
-            FieldType::Map(Box::new(FieldType::Steps)),
-            "The routes by name, each a list of steps.",
-        )
-        .required(),
-    )
+    .field(routes::field())
     .field(
         FieldSpec::new(
             "max_hops",

@@ -8,9 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    Body, BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor,
-};
+use sluice_core::{BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor};
 
 use super::common;
 
@@ -219,9 +217,7 @@ impl Processor for Enrich {
             ));
             return Err(Failure::new(msg, e));
         }
-        msg.body = Body::from_json(merged.pop().unwrap_or_default());
-        msg.headers
-            .insert("content-type".to_owned(), "application/json".to_owned());
+        common::set_json_body(&mut msg, merged.pop().unwrap_or_default());
         Ok(common::one(msg))
     }
 }

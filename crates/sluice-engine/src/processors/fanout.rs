@@ -8,6 +8,21 @@ use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::{BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor};
 
+/// The most branches one fan-out step may have.
+const MAX_BRANCHES: usize = 64;
+
+/// Checks the size of a `branches:` list at build time; one limit for every fan-out step, since
+/// each branch holds a copy of the message at once.
+pub(crate) fn check_branch_count(count: usize) -> Result<(), BuildError> {
+    if count == 0 || count > MAX_BRANCHES {
+        return Err(BuildError::field(
+            "branches",
+            format!("give 1 to {MAX_BRANCHES} branches"),
+        ));
+    }
+    Ok(())
+}
+
 /// What became of one branch.
 pub(crate) enum Outcome {
     /// The branch finished with these messages.

@@ -34,6 +34,7 @@ mod template;
 mod throttle;
 mod transform;
 mod try_catch;
+mod ttl;
 mod validate;
 mod wire_tap;
 

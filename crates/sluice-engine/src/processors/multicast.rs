@@ -84,8 +84,6 @@ continuing body; without it the original body continues. Checked when the flow i
     )
 }
 
-const MAX_BRANCHES: usize = 64;
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
@@ -104,12 +102,7 @@ fn yes() -> bool {
 /// Builds the step.
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
     let config: Config = common::config(config)?;
-    if config.branches.is_empty() || config.branches.len() > MAX_BRANCHES {
-        return Err(BuildError::field(
-            "branches",
-            format!("give 1 to {MAX_BRANCHES} branches"),
-        ));
-    }
+    fanout::check_branch_count(config.branches.len())?;
     let branches = config
         .branches
         .iter()

@@ -38,16 +38,18 @@ pub(crate) struct StoreRequest<'a> {
 }
 
 /// The store a step asked for: private to it, or the named one shared through `resources`,
-/// created on first use.
+/// created on first use. `create` gets the capacity as a `usize`, as in-memory stores count
+/// it; one beyond the address space is unbounded in effect, so it saturates.
 ///
 /// The first step that names a store fixes its capacity; a later step giving a different capacity
 /// is a build error, so two steps never disagree silently about a shared bound.
 pub(crate) fn resolve<S: ?Sized + Send + Sync + 'static>(
     resources: &Resources,
     request: &StoreRequest<'_>,
-    create: impl FnOnce(u64) -> Arc<S>,
+    create: impl FnOnce(usize) -> Arc<S>,
 ) -> Result<Arc<S>, BuildError> {
     let capacity = request.capacity.unwrap_or(request.default_capacity);
+    let create = |capacity: u64| create(usize::try_from(capacity).unwrap_or(usize::MAX));
     let Some(name) = request.name else {
         return Ok(create(capacity));
     };
@@ -86,11 +88,11 @@ mod tests {
     use super::*;
 
     trait Thing: Send + Sync {
-        fn capacity(&self) -> u64;
+        fn capacity(&self) -> usize;
     }
-    struct Fixed(u64);
+    struct Fixed(usize);
     impl Thing for Fixed {
-        fn capacity(&self) -> u64 {
+        fn capacity(&self) -> usize {
             self.0
         }
     }
@@ -105,7 +107,7 @@ mod tests {
         }
     }
 
-    fn make(capacity: u64) -> Arc<dyn Thing> {
+    fn make(capacity: usize) -> Arc<dyn Thing> {
         Arc::new(Fixed(capacity))
     }
 

@@ -7,9 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    Body, BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor,
-};
+use sluice_core::{BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor};
 
 use super::common;
 use super::formats::{Format, Options};
@@ -198,9 +196,7 @@ impl Processor for Normalizer {
         match self.normalize(&msg).await {
             Ok(Some((value, rule))) => {
                 msg.headers.insert(RULE_HEADER.to_owned(), rule.to_owned());
-                msg.headers
-                    .insert("content-type".to_owned(), "application/json".to_owned());
-                msg.body = Body::from_json(value);
+                common::set_json_body(&mut msg, value);
                 Ok(common::one(msg))
             }
             Ok(None) if self.otherwise == Otherwise::Pass => Ok(common::one(msg)),

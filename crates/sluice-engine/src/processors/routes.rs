@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
+use sluice_core::spec::{FieldSpec, FieldType};
 use sluice_core::{BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor};
 
 /// Routes by name, each built as one pipeline.
@@ -17,6 +18,17 @@ pub(crate) fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// The `routes:` field of the steps that run named routes; one definition so the field reads
+/// the same wherever [`Routes::build`] reads it.
+pub(crate) fn field() -> FieldSpec {
+    FieldSpec::new(
+        "routes",
+        FieldType::Map(Box::new(FieldType::Steps)),
+        "The routes by name, each a list of steps.",
+    )
+    .required()
 }
 
 impl Routes {

@@ -40,14 +40,7 @@ step. Route names use letters, digits, `_` and `-`.",
         )
         .required(),
     )
-    .field(
-        FieldSpec::new(
-            "routes",
-            FieldType::Map(Box::new(FieldType::Steps)),
-            "The routes by name, each a list of steps.",
-        )
-        .required(),
-    )
+    .field(routes::field())
     .example(
         "Steps chosen by the caller in a header",
         "slip: '$headers[\"x-slip\"]'\nroutes:\n  validate:\n    - filter: '.id != null'\n  enrich:\n    - transform: '. + {enriched: true}'\n  audit:\n    - log: 'audited {{ body.id }}'\n",

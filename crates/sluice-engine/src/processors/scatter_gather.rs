@@ -90,7 +90,6 @@ branches; `timeout` up to 1h.",
     )
 }
 
-const MAX_BRANCHES: usize = 64;
 const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Deserialize)]
@@ -126,12 +125,7 @@ fn thirty_seconds() -> HumanDuration {
 /// Builds the step.
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
     let config: Config = common::config(config)?;
-    if config.branches.is_empty() || config.branches.len() > MAX_BRANCHES {
-        return Err(BuildError::field(
-            "branches",
-            format!("give 1 to {MAX_BRANCHES} branches"),
-        ));
-    }
+    fanout::check_branch_count(config.branches.len())?;
     if config.timeout.0.is_zero() || config.timeout.0 > MAX_TIMEOUT {
         return Err(BuildError::field(
             "timeout",

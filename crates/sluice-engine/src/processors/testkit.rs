@@ -110,7 +110,9 @@ impl StepBuilder for TestSteps {
     }
 }
 
-struct Sequence(Vec<Arc<dyn Processor>>);
+/// Runs processors one after the other, each on every output of the one before; also for
+/// tests that chain hand-made steps.
+pub(crate) struct Sequence(pub(crate) Vec<Arc<dyn Processor>>);
 
 #[async_trait]
 impl Processor for Sequence {

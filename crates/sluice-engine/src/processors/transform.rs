@@ -7,9 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    Body, BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor,
-};
+use sluice_core::{BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor};
 
 use super::common;
 
@@ -103,11 +101,7 @@ impl Processor for Transform {
                 return Err(Failure::new(msg, e));
             }
         };
-        msg.body = Body::from_json(value);
-        // The body is JSON now, whatever it was before: a reply or a forwarded request must not
-        // keep the incoming content type (a form post answered with JSON, say).
-        msg.headers
-            .insert("content-type".to_owned(), "application/json".to_owned());
+        common::set_json_body(&mut msg, value);
         Ok(common::one(msg))
     }
 }

@@ -130,7 +130,9 @@ impl Processor for WireTap {
 mod tests {
     use super::*;
     use crate::channel::Channels;
-    use crate::processors::testkit::{build_one, build_with_resources, process, try_build};
+    use crate::processors::testkit::{
+        Sequence, build_one, build_with_resources, process, try_build,
+    };
     use serde_json::json;
     use sluice_core::{AckToken, Outcome, Resources};
 
@@ -192,7 +194,7 @@ mod tests {
             json!({"steps": [{"delay": "1s"}], "finally": [{"log": "tapped"}]}),
         );
         let step = WireTap {
-            tap: Arc::new(Tap::Steps(Arc::new(Chain(vec![
+            tap: Arc::new(Tap::Steps(Arc::new(Sequence(vec![
                 slow_then_seen,
                 Arc::clone(&seen) as Arc<dyn Processor>,
             ])))),
@@ -211,24 +213,6 @@ mod tests {
         assert!(seen.0.lock().unwrap().is_empty());
         background.idle().await;
         assert_eq!(seen.0.lock().unwrap().len(), 1);
-    }
-
-    /// Runs processors one after the other.
-    struct Chain(Vec<Arc<dyn Processor>>);
-
-    #[async_trait]
-    impl Processor for Chain {
-        async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
-            let mut current = common::one(msg);
-            for step in &self.0 {
-                let mut next = Outputs::new();
-                for m in current {
-                    next.extend(step.process(m).await?);
-                }
-                current = next;
-            }
-            Ok(current)
-        }
     }
 
     #[test]

@@ -9,6 +9,8 @@ use sluice_core::ProcessError;
 use sluice_core::state::{CacheStore, CachedValue};
 use tokio::time::Instant;
 
+use crate::processors::ttl;
+
 /// At most `max_entries` values; when full, the least recently used one (read or written) is
 /// evicted, whether or not it has expired. Expired values are dropped when read.
 pub(crate) struct MemoryCache {
@@ -87,9 +89,7 @@ impl CacheStore for MemoryCache {
 
     async fn put(&self, key: &str, value: CachedValue, ttl: Duration) -> Result<(), ProcessError> {
         let now = Instant::now();
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let expires_at = ttl::expires_at(now, ttl);
         let mut table = self.table();
         table.remove(key);
         while table.entries.len() >= self.max_entries {

@@ -19,6 +19,7 @@ use sluice_core::{BuildContext, BuildError, Failure, Headers, Message, Outputs, 
 use tokio::sync::watch;
 
 use super::named_store::{self, StoreRequest};
+use super::ttl;
 use super::{common, message_key};
 
 pub(crate) use memory::MemoryCache;
@@ -118,9 +119,7 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let config: Config = common::config(config)?;
     let key = ctx.steps.compile_jq("key", &config.key)?;
     let steps = ctx.steps.build_steps("steps", &config.steps)?;
-    if config.ttl.0.is_zero() {
-        return Err(BuildError::field("ttl", "give a duration longer than zero"));
-    }
+    let ttl = ttl::checked(config.ttl.0)?;
     let store = named_store::resolve::<dyn CacheStore>(
         ctx.resources,
         &StoreRequest {
@@ -130,12 +129,12 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
             capacity_field: "max_entries",
             default_capacity: DEFAULT_MAX_ENTRIES,
         },
-        |max| Arc::new(MemoryCache::new(usize::try_from(max).unwrap_or(usize::MAX))),
+        |max| Arc::new(MemoryCache::new(max)),
     )?;
     Ok(Arc::new(Cache {
         key,
         steps,
-        ttl: config.ttl.0,
+        ttl,
         headers: config.headers,
         max_entry_size: config.max_entry_size.as_usize(),
         store,

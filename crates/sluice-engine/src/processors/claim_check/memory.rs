@@ -1,6 +1,6 @@
 //! The in-memory [`ClaimCheckStore`]: bodies with expiry, bounded in total bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -8,6 +8,8 @@ use async_trait::async_trait;
 use sluice_core::state::ClaimCheckStore;
 use sluice_core::{Body, ErrorKind, ProcessError};
 use tokio::time::Instant;
+
+use crate::processors::ttl::{Expiry, ExpiryQueue};
 
 /// Bodies kept for their time to live, at most `max_bytes` of them in total. A full store refuses
 /// new bodies (`unavailable`) rather than dropping bodies whose claims are still travelling; a
@@ -20,32 +22,26 @@ pub(crate) struct MemoryClaimStore {
 #[derive(Default)]
 struct Table {
     bodies: HashMap<String, Kept>,
-    by_expiry: BTreeMap<(Instant, u64), String>,
+    expiries: ExpiryQueue,
     used_bytes: usize,
-    next_seq: u64,
 }
 
 struct Kept {
     body: Body,
     size: usize,
-    expires_at: Instant,
-    seq: u64,
+    expiry: Expiry,
 }
 
 impl Table {
     fn remove(&mut self, claim: &str) -> Option<Kept> {
         let kept = self.bodies.remove(claim)?;
-        self.by_expiry.remove(&(kept.expires_at, kept.seq));
+        self.expiries.remove(kept.expiry);
         self.used_bytes -= kept.size;
         Some(kept)
     }
 
     fn purge_expired(&mut self, now: Instant) {
-        while let Some(entry) = self.by_expiry.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let claim = entry.remove();
+        while let Some(claim) = self.expiries.pop_expired(now) {
             if let Some(kept) = self.bodies.remove(&claim) {
                 self.used_bytes -= kept.size;
             }
@@ -103,29 +99,18 @@ a body of {size} bytes does not fit (check bodies out, shorten `ttl` or raise `m
                 ),
             ));
         }
-        let seq = table.next_seq;
-        table.next_seq += 1;
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
-        table.by_expiry.insert((expires_at, seq), claim.to_owned());
+        let expiry = table.expiries.insert(claim, now, ttl);
         table.used_bytes += size;
-        table.bodies.insert(
-            claim.to_owned(),
-            Kept {
-                body,
-                size,
-                expires_at,
-                seq,
-            },
-        );
+        table
+            .bodies
+            .insert(claim.to_owned(), Kept { body, size, expiry });
         Ok(())
     }
 
     async fn check_out(&self, claim: &str, remove: bool) -> Result<Option<Body>, ProcessError> {
         let now = Instant::now();
         let mut table = self.table();
-        let live = table.bodies.get(claim).map(|kept| kept.expires_at > now);
+        let live = table.bodies.get(claim).map(|kept| kept.expiry.is_live(now));
         Ok(match live {
             None => None,
             Some(false) => {

@@ -19,6 +19,7 @@ use sluice_core::{
 
 use super::common;
 use super::named_store::{self, StoreRequest};
+use super::ttl;
 
 pub(crate) use memory::MemoryClaimStore;
 
@@ -140,9 +141,7 @@ fn yes() -> bool {
 /// Builds the step.
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
     let config: Config = common::config(config)?;
-    if config.ttl.0.is_zero() {
-        return Err(BuildError::field("ttl", "give a duration longer than zero"));
-    }
+    let ttl = ttl::checked(config.ttl.0)?;
     let store = named_store::resolve::<dyn ClaimCheckStore>(
         ctx.resources,
         &StoreRequest {
@@ -152,17 +151,13 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
             capacity_field: "max_bytes",
             default_capacity: DEFAULT_MAX_BYTES,
         },
-        |max| {
-            Arc::new(MemoryClaimStore::new(
-                usize::try_from(max).unwrap_or(usize::MAX),
-            ))
-        },
+        |max| Arc::new(MemoryClaimStore::new(max)),
     )?;
     Ok(Arc::new(ClaimCheck {
         mode: config.mode,
         carrier: config.claim,
         name: config.store,
-        ttl: config.ttl.0,
+        ttl,
         remove: config.remove,
         store,
     }))

@@ -285,12 +285,7 @@ impl Incoming {
 
 /// Whether a content type carries JSON (`application/json`, `text/json`, `application/x+json`).
 fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
+    let essence = common::media_type(content_type);
     essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 

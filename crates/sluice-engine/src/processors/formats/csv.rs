@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 
 use serde_json::{Map, Value};
 
+use crate::processors::common;
+
 /// The content type of a CSV body.
 pub(crate) const CONTENT_TYPE: &str = "text/csv";
 
@@ -88,7 +90,7 @@ pub(crate) fn render(value: &Value, layout: &Layout) -> Result<String, String> {
         other => {
             return Err(format!(
                 "CSV is rendered from an array of objects or arrays, but the body is {}",
-                super::shape(other)
+                common::value_kind(other)
             ));
         }
     };
@@ -110,7 +112,7 @@ pub(crate) fn render(value: &Value, layout: &Layout) -> Result<String, String> {
             other => {
                 return Err(format!(
                     "row {i} is {}: each row must be an object or an array",
-                    super::shape(other)
+                    common::value_kind(other)
                 ));
             }
         };

@@ -7,6 +7,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::processors::common;
+
 /// The content type of a form body.
 pub(crate) const CONTENT_TYPE: &str = "application/x-www-form-urlencoded";
 
@@ -34,7 +36,7 @@ pub(crate) fn render(value: &Value) -> Result<String, String> {
     let Value::Object(object) = value else {
         return Err(format!(
             "a form is rendered from a JSON object, but the body is {}",
-            super::shape(value)
+            common::value_kind(value)
         ));
     };
     let mut form = form_urlencoded::Serializer::new(String::new());
@@ -61,7 +63,7 @@ fn scalar(value: &Value, at: &str) -> Result<String, String> {
         Value::Array(_) | Value::Object(_) => Err(format!(
             "`{at}` is {}: a form holds only strings, numbers, booleans and lists of them; \
              flatten the body with `transform` first",
-            super::shape(value)
+            common::value_kind(value)
         )),
     }
 }

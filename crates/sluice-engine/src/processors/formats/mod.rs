@@ -11,6 +11,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::BuildError;
 use sluice_core::spec::{FieldSpec, FieldType};
+use sluice_core::{Body, Failure, Message, Outputs, ProcessError};
+
+use crate::processors::common;
 
 /// The formats both steps know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -40,13 +43,7 @@ impl Format {
 
     /// The format a content type names, if it is one of ours (`text/csv; charset=utf-8` is CSV).
     pub(crate) fn from_content_type(content_type: &str) -> Option<Format> {
-        let essence = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        match essence.as_str() {
+        match common::media_type(content_type).as_str() {
             "text/csv" | "application/csv" => Some(Format::Csv),
             "application/xml" | "text/xml" => Some(Format::Xml),
             s if s.ends_with("+xml") => Some(Format::Xml),
@@ -169,6 +166,32 @@ impl Options {
         }
     }
 
+    /// Puts a conversion's result in place of the body, labelled with `content_type`, or
+    /// hands the message back with an `invalid_input` error naming the format. `parse` and
+    /// `render` share it so both keep everything but the body and fail in the same words.
+    // The message is moved in and out so the error path can return it inside the `Failure`.
+    #[allow(clippy::result_large_err)]
+    fn replace_body(
+        &self,
+        mut msg: Message,
+        verb: &str,
+        converted: Result<Body, String>,
+        content_type: &str,
+    ) -> Result<Outputs, Failure> {
+        match converted {
+            Ok(body) => {
+                msg.body = body;
+                msg.headers
+                    .insert("content-type".to_owned(), content_type.to_owned());
+                Ok(common::one(msg))
+            }
+            Err(e) => {
+                let detail = format!("cannot {verb} the body as {}: {e}", self.format().name());
+                Err(Failure::new(msg, ProcessError::invalid_input(detail)))
+            }
+        }
+    }
+
     /// The options for reading `format` with every option at its default.
     pub(crate) fn default_for(format: Format) -> Options {
         match format {
@@ -180,18 +203,6 @@ impl Options {
             Format::Xml => Options::Xml { root: None },
             Format::Form => Options::Form,
         }
-    }
-}
-
-/// "an object", "a string", ...: what a value is, for messages.
-pub(crate) fn shape(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

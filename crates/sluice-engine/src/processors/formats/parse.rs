@@ -5,9 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 use sluice_core::spec::{ComponentKind, ComponentSpec};
-use sluice_core::{
-    Body, BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor,
-};
+use sluice_core::{Body, BuildContext, BuildError, Failure, Message, Outputs, Processor};
 
 use super::{Config, Options, fields, xml_convention};
 use crate::processors::common;
@@ -66,22 +64,10 @@ struct Parse {
 
 #[async_trait]
 impl Processor for Parse {
-    async fn process(&self, mut msg: Message) -> Result<Outputs, Failure> {
-        match self.options.parse(msg.body.as_bytes()) {
-            Ok(value) => {
-                msg.body = Body::from_json(value);
-                msg.headers
-                    .insert("content-type".to_owned(), "application/json".to_owned());
-                Ok(common::one(msg))
-            }
-            Err(e) => {
-                let detail = format!(
-                    "cannot parse the body as {}: {e}",
-                    self.options.format().name()
-                );
-                Err(Failure::new(msg, ProcessError::invalid_input(detail)))
-            }
-        }
+    async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
+        let parsed = self.options.parse(msg.body.as_bytes()).map(Body::from_json);
+        self.options
+            .replace_body(msg, "parse", parsed, "application/json")
     }
 }
 

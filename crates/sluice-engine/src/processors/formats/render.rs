@@ -5,9 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 use sluice_core::spec::{ComponentKind, ComponentSpec};
-use sluice_core::{
-    Body, BuildContext, BuildError, Failure, Message, Outputs, ProcessError, Processor,
-};
+use sluice_core::{Body, BuildContext, BuildError, Failure, Message, Outputs, Processor};
 
 use super::{Config, Options, fields, xml_convention};
 use crate::processors::common;
@@ -73,24 +71,11 @@ struct Render {
 #[async_trait]
 impl Processor for Render {
     async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
-        let (mut msg, body) = common::json_body(msg)?;
-        match self.options.render(&body) {
-            Ok(text) => {
-                msg.body = Body::from_bytes(text);
-                msg.headers.insert(
-                    "content-type".to_owned(),
-                    self.options.format().content_type().to_owned(),
-                );
-                Ok(common::one(msg))
-            }
-            Err(e) => {
-                let detail = format!(
-                    "cannot render the body as {}: {e}",
-                    self.options.format().name()
-                );
-                Err(Failure::new(msg, ProcessError::invalid_input(detail)))
-            }
-        }
+        let (msg, body) = common::json_body(msg)?;
+        let rendered = self.options.render(&body).map(Body::from_bytes);
+        let content_type = self.options.format().content_type();
+        self.options
+            .replace_body(msg, "render", rendered, content_type)
     }
 }
 

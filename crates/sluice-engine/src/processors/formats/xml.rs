@@ -14,6 +14,8 @@ use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 use serde_json::{Map, Value};
 
+use crate::processors::common;
+
 /// The content type of an XML body.
 pub(crate) const CONTENT_TYPE: &str = "application/xml";
 
@@ -249,7 +251,7 @@ pub(crate) fn render(value: &Value, root: Option<&str>) -> Result<String, String
 fn describe_root(value: &Value) -> String {
     match value {
         Value::Object(o) => format!("an object with {} members", o.len()),
-        other => super::shape(other).to_owned(),
+        other => common::value_kind(other).to_owned(),
     }
 }
 

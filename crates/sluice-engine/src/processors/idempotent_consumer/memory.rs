@@ -1,6 +1,6 @@
 //! The in-memory [`IdempotentRepository`]: keys with expiry, bounded in number.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -8,6 +8,8 @@ use async_trait::async_trait;
 use sluice_core::state::{Claim, IdempotentRepository};
 use sluice_core::{ErrorKind, ProcessError};
 use tokio::time::Instant;
+
+use crate::processors::ttl::{Expiry, ExpiryQueue};
 
 /// Keys held in memory for their time to live, at most `max_keys` of them.
 ///
@@ -23,14 +25,12 @@ pub(crate) struct MemoryRepository {
 #[derive(Default)]
 struct Table {
     keys: HashMap<String, Entry>,
-    /// Every key by (expiry, insertion order), so the expired ones are found from the front.
-    by_expiry: BTreeMap<(Instant, u64), String>,
-    next_seq: u64,
+    /// Every key, so the expired ones are found from the front.
+    expiries: ExpiryQueue,
 }
 
 struct Entry {
-    expires_at: Instant,
-    seq: u64,
+    expiry: Expiry,
     processed: bool,
 }
 
@@ -45,7 +45,7 @@ impl MemoryRepository {
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         match self.table.lock() {
             Ok(table) => table,
-            // Every mutation keeps `keys` and `by_expiry` consistent before it can panic.
+            // Every mutation keeps `keys` and `expiries` consistent before it can panic.
             Err(poisoned) => poisoned.into_inner(),
         }
     }
@@ -59,21 +59,17 @@ impl MemoryRepository {
 
 impl Table {
     fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
-        self.keys.get(key).filter(|e| e.expires_at > now)
+        self.keys.get(key).filter(|e| e.expiry.is_live(now))
     }
 
     fn remove(&mut self, key: &str) {
         if let Some(old) = self.keys.remove(key) {
-            self.by_expiry.remove(&(old.expires_at, old.seq));
+            self.expiries.remove(old.expiry);
         }
     }
 
     fn purge_expired(&mut self, now: Instant) {
-        while let Some(entry) = self.by_expiry.first_entry() {
-            if entry.key().0 > now {
-                break;
-            }
-            let key = entry.remove();
+        while let Some(key) = self.expiries.pop_expired(now) {
             self.keys.remove(&key);
         }
     }
@@ -85,8 +81,8 @@ impl Table {
             return Ok(());
         }
         let victim = self
-            .by_expiry
-            .values()
+            .expiries
+            .keys()
             .find(|key| self.keys.get(*key).is_some_and(|e| e.processed))
             .cloned();
         match victim {
@@ -107,21 +103,9 @@ impl Table {
 
     fn insert(&mut self, key: &str, ttl: Duration, processed: bool, now: Instant) {
         self.remove(key);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        // A TTL too large for the clock means "until the process stops".
-        let expires_at = now
-            .checked_add(ttl)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
-        self.by_expiry.insert((expires_at, seq), key.to_owned());
-        self.keys.insert(
-            key.to_owned(),
-            Entry {
-                expires_at,
-                seq,
-                processed,
-            },
-        );
+        let expiry = self.expiries.insert(key, now, ttl);
+        self.keys
+            .insert(key.to_owned(), Entry { expiry, processed });
     }
 }
 

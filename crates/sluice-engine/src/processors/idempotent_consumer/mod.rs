@@ -18,6 +18,7 @@ use sluice_core::{
 };
 
 use super::named_store::{self, StoreRequest};
+use super::ttl;
 use super::{common, message_key};
 
 pub(crate) use memory::MemoryRepository;
@@ -140,9 +141,7 @@ fn default_ttl() -> HumanDuration {
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
     let config: Config = common::config(config)?;
     let key = ctx.steps.compile_jq("key", &config.key)?;
-    if config.ttl.0.is_zero() {
-        return Err(BuildError::field("ttl", "give a duration longer than zero"));
-    }
+    let ttl = ttl::checked(config.ttl.0)?;
     let repository = named_store::resolve::<dyn IdempotentRepository>(
         ctx.resources,
         &StoreRequest {
@@ -152,16 +151,12 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
             capacity_field: "max_keys",
             default_capacity: DEFAULT_MAX_KEYS,
         },
-        |max_keys| {
-            Arc::new(MemoryRepository::new(
-                usize::try_from(max_keys).unwrap_or(usize::MAX),
-            ))
-        },
+        |max_keys| Arc::new(MemoryRepository::new(max_keys)),
     )?;
     Ok(Arc::new(IdempotentConsumer {
         key,
         repository,
-        ttl: config.ttl.0,
+        ttl,
         eager: config.eager,
         on_duplicate: config.on_duplicate,
         confirming: Arc::default(),

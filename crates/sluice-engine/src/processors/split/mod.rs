@@ -321,7 +321,7 @@ impl Split {
                         return Err(ProcessError::invalid_input(format!(
                             "`path` `.[]` needs an array or an object, the body is {}; set `path` \
 to where the items are, such as `.items[]`",
-                            kind_of(other)
+                            common::value_kind(other)
                         )));
                     }
                 };
@@ -409,17 +409,6 @@ fn part_failure(
         failure.error.kind,
         format!("part {index} of {size} failed: {}", failure.error),
     ))
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 #[async_trait]
