@@ -223,6 +223,23 @@ mod tests {
         assert_eq!(decode(&frame), Err(DecodeError::TrailingBytes(1)));
     }
 
+    proptest::proptest! {
+        /// What the fuzz target checks, in CI: no panic on any input, and whatever is accepted
+        /// is exactly what `encode` writes.
+        #[test]
+        fn decode_accepts_only_what_encode_writes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(payload) = decode(&bytes) {
+                proptest::prop_assert_eq!(encode(payload).unwrap(), bytes);
+            }
+        }
+
+        #[test]
+        fn encode_then_decode_is_identity(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let frame = encode(&payload).unwrap();
+            proptest::prop_assert_eq!(decode(&frame).unwrap(), &payload[..]);
+        }
+    }
+
     #[test]
     fn error_messages_say_what_happened() {
         assert_eq!(

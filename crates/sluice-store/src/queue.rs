@@ -308,3 +308,16 @@ pub(crate) async fn corrupt(queue: &Queue, seq: u64, bytes: Vec<u8>) -> Result<b
         })
         .await
 }
+
+/// Test hook: the ids stored for the queue's channel, read directly.
+#[cfg(test)]
+pub(crate) fn stored_ids(queue: &Queue) -> Result<Vec<u64>, StoreError> {
+    use redb::ReadableDatabase;
+    let txn = queue.inner.db.begin_read()?;
+    let records = txn.open_table(RECORDS)?;
+    let channel = &*queue.channel;
+    records
+        .range((channel, 0)..=(channel, u64::MAX))?
+        .map(|entry| Ok(entry?.0.value().1))
+        .collect()
+}

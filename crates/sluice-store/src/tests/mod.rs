@@ -2,7 +2,9 @@
 
 mod dead_letters;
 mod idempotent;
+mod model;
 mod queue;
+mod sim_disk;
 
 use std::path::Path;
 use std::sync::Arc;
