@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use redb::{Database, Durability, TableDefinition};
-use sluice_store::{Store, StoreOptions};
+use sluice_store::{GroupCommit, Store, StoreOptions};
 
 const RECORD: usize = 1024;
 /// Appends each producer makes per measured round.
@@ -41,31 +41,42 @@ fn group_commit(c: &mut Criterion) {
         let messages = producers * APPENDS_PER_PRODUCER;
         group.throughput(Throughput::Elements(messages as u64));
 
-        let tmp = tempfile::tempdir_in(bench_dir()).unwrap();
-        let store = Store::open(tmp.path(), StoreOptions::default()).unwrap();
-        let payload = Bytes::from(vec![0x5A; RECORD]);
-        let commits_before = store.commits();
-        let mut appended = 0u64;
-        group.bench_with_input(
-            BenchmarkId::new("group_commit", producers),
-            &producers,
-            |b, &producers| {
-                b.iter_custom(|iters| {
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        runtime.block_on(produce(&store, producers, &payload));
-                    }
-                    appended += iters * messages as u64;
-                    start.elapsed()
-                });
-            },
-        );
-        let commits = store.commits() - commits_before;
-        eprintln!(
-            "group_commit/{producers}: {appended} records in {commits} commits, {:.1} records per commit",
-            appended as f64 / commits.max(1) as f64
-        );
-        drop(store);
+        for (name, max_wait) in [
+            ("group_commit_wait_2ms", Duration::from_millis(2)),
+            ("group_commit_no_wait", Duration::ZERO),
+        ] {
+            let tmp = tempfile::tempdir_in(bench_dir()).unwrap();
+            let options = StoreOptions {
+                group_commit: GroupCommit {
+                    max_wait,
+                    ..GroupCommit::default()
+                },
+                ..StoreOptions::default()
+            };
+            let store = Store::open(tmp.path(), options).unwrap();
+            let payload = Bytes::from(vec![0x5A; RECORD]);
+            let commits_before = store.commits();
+            let mut appended = 0u64;
+            group.bench_with_input(
+                BenchmarkId::new(name, producers),
+                &producers,
+                |b, &producers| {
+                    b.iter_custom(|iters| {
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            runtime.block_on(produce(&store, producers, &payload));
+                        }
+                        appended += iters * messages as u64;
+                        start.elapsed()
+                    });
+                },
+            );
+            let commits = store.commits() - commits_before;
+            eprintln!(
+                "{name}/{producers}: {appended} records in {commits} commits, {:.1} records per commit",
+                appended as f64 / commits.max(1) as f64
+            );
+        }
 
         let tmp = tempfile::tempdir_in(bench_dir()).unwrap();
         let db = Database::create(tmp.path().join("raw.redb")).unwrap();
