@@ -30,6 +30,9 @@ pub enum StoreError {
         /// The pid recorded by the holder, when it could be read.
         holder: Option<u32>,
     },
+    /// The writer thread could not be started.
+    #[error("cannot start the store's writer thread: {0}")]
+    Thread(io::Error),
     /// The database failed: an I/O error, a full disk, or a damaged file.
     #[error("storage failed: {0}")]
     Storage(#[from] redb::Error),

@@ -71,10 +71,7 @@ impl Writer {
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
             .spawn(move || writer_loop(&db, &receiver, config, &counter))
-            .map_err(|source| StoreError::Directory {
-                dir: "writer thread".into(),
-                source,
-            })?;
+            .map_err(StoreError::Thread)?;
         Ok(Self {
             sender: Some(sender),
             thread: Some(thread),
