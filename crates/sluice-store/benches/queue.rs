@@ -57,6 +57,7 @@ fn group_commit(c: &mut Criterion) {
             let payload = Bytes::from(vec![0x5A; RECORD]);
             let commits_before = store.commits();
             let mut appended = 0u64;
+            let mut latencies = Vec::new();
             group.bench_with_input(
                 BenchmarkId::new(name, producers),
                 &producers,
@@ -64,7 +65,8 @@ fn group_commit(c: &mut Criterion) {
                     b.iter_custom(|iters| {
                         let start = Instant::now();
                         for _ in 0..iters {
-                            runtime.block_on(produce(&store, producers, &payload));
+                            latencies
+                                .extend(runtime.block_on(produce(&store, producers, &payload)));
                         }
                         appended += iters * messages as u64;
                         start.elapsed()
@@ -72,9 +74,18 @@ fn group_commit(c: &mut Criterion) {
                 },
             );
             let commits = store.commits() - commits_before;
+            latencies.sort_unstable();
+            let percentile = |p: usize| {
+                latencies
+                    .get(latencies.len() * p / 100)
+                    .copied()
+                    .unwrap_or_default()
+            };
             eprintln!(
-                "{name}/{producers}: {appended} records in {commits} commits, {:.1} records per commit",
-                appended as f64 / commits.max(1) as f64
+                "{name}/{producers}: {appended} records in {commits} commits, {:.1} records per commit, ack latency p50 {:?} p99 {:?}",
+                appended as f64 / commits.max(1) as f64,
+                percentile(50),
+                percentile(99),
             );
         }
 
@@ -112,22 +123,29 @@ fn group_commit(c: &mut Criterion) {
     group.finish();
 }
 
-/// `producers` tasks, each appending one record at a time and awaiting its durability.
-async fn produce(store: &Store, producers: usize, payload: &Bytes) {
+/// `producers` tasks, each appending one record at a time and awaiting its durability; returns
+/// every append's latency.
+async fn produce(store: &Store, producers: usize, payload: &Bytes) -> Vec<Duration> {
     let tasks: Vec<_> = (0..producers)
         .map(|_| {
             let queue = store.queue("bench");
             let payload = payload.clone();
             tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(APPENDS_PER_PRODUCER);
                 for _ in 0..APPENDS_PER_PRODUCER {
+                    let start = Instant::now();
                     queue.append(vec![payload.clone()]).await.unwrap();
+                    latencies.push(start.elapsed());
                 }
+                latencies
             })
         })
         .collect();
+    let mut latencies = Vec::new();
     for task in tasks {
-        task.await.unwrap();
+        latencies.extend(task.await.unwrap());
     }
+    latencies
 }
 
 criterion_group!(benches, group_commit);
