@@ -38,14 +38,24 @@
 //! within `max_wait` (2 ms by default) up to `max_batch` records, runs them all in one
 //! transaction and commits it with `Durability::Immediate` (fsync). Only then are the replies
 //! sent, so an id returned by [`Queue::append`] is always on disk. One fsync serves every
-//! producer of the batch; at low rates a request waits at most `max_wait`.
+//! producer of the batch; at low rates a request waits at most `max_wait`, and not at all after
+//! a commit that served a single request (a lone producer cannot fill a batch while it waits
+//! for its own commit). `benches/queue.rs` measures it against a raw redb loop committing
+//! batches of the same size.
 //!
 //! # Recovery
 //! redb commits are atomic and its two-slot header makes a torn commit roll back to the last
 //! durable one; quick repair is enabled on every commit so reopening after a crash does not walk
-//! the whole file. Above that: leases die with the process (released at open, their delivery
+//! the whole file (it costs a second fsync per commit, which group commit amortizes). Above that: leases die with the process (released at open, their delivery
 //! count kept, so a consumer sees the redelivery), nack delays survive, and acked records are
 //! gone for good.
+//!
+//! # Testing
+//! `src/tests/model.rs` runs random action sequences against the store and an in-memory model,
+//! on a simulated disk (`src/tests/sim_disk.rs`, a redb `StorageBackend`) that keeps only synced
+//! writes at a crash, plus a random prefix of the later ones with the last possibly torn, and
+//! that can lose power in the middle of a commit. `fuzz/` holds a cargo-fuzz target for the
+//! record decoder (its own workspace, not built in CI).
 
 pub mod codec;
 
