@@ -51,9 +51,33 @@ pub enum StoreError {
     /// request was committed.
     #[error("the store is closed")]
     Closed,
+    /// The disk (or the quota) is full: nothing of the request was stored. Answer with
+    /// backpressure (HTTP 503 with Retry-After, a broker nack) and retry later.
+    #[error("the disk is full, nothing was stored; free space and retry: {0}")]
+    DiskFull(String),
     /// The batch was rolled back because another request in the same commit failed.
     #[error("the commit was abandoned: {0}")]
     Abandoned(String),
+}
+
+impl StoreError {
+    /// Whether the request failed because the disk or quota is full (a retry may succeed once
+    /// space returns).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull(_) => true,
+            StoreError::Storage(redb::Error::Io(error)) => is_full(error),
+            StoreError::Directory { source, .. } => is_full(source),
+            _ => false,
+        }
+    }
+}
+
+fn is_full(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    )
 }
 
 macro_rules! from_redb {

@@ -40,8 +40,34 @@ impl Default for GroupCommit {
     }
 }
 
+/// Why a batch did not commit, as told to every request in it.
+#[derive(Debug, Clone)]
+struct CommitFailure {
+    reason: String,
+    disk_full: bool,
+}
+
+impl CommitFailure {
+    fn new(error: &StoreError) -> Self {
+        Self {
+            reason: error.to_string(),
+            disk_full: error.is_disk_full(),
+        }
+    }
+}
+
+impl From<CommitFailure> for StoreError {
+    fn from(failure: CommitFailure) -> Self {
+        if failure.disk_full {
+            StoreError::DiskFull(failure.reason)
+        } else {
+            StoreError::Abandoned(failure.reason)
+        }
+    }
+}
+
 /// Delivers a request's result once the fate of its commit is known.
-type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), CommitFailure>) + Send>;
 
 /// Runs a request inside the batch's transaction (`None`: the transaction could not start).
 type Work = Box<dyn FnOnce(Option<&WriteTransaction>) -> Ran + Send>;
@@ -49,7 +75,7 @@ type Work = Box<dyn FnOnce(Option<&WriteTransaction>) -> Ran + Send>;
 /// What a request left after running: how to complete it, and whether it failed.
 struct Ran {
     completion: Completion,
-    failure: Option<String>,
+    failure: Option<CommitFailure>,
 }
 
 struct Job {
@@ -97,18 +123,21 @@ impl Writer {
             None => Ran {
                 failure: None,
                 completion: Box::new(move |commit| {
-                    let reason = commit.err().unwrap_or_default();
-                    let _ = reply.send(Err(StoreError::Abandoned(reason)));
+                    let error = match commit {
+                        Err(failure) => failure.into(),
+                        Ok(()) => StoreError::Abandoned("the transaction did not start".into()),
+                    };
+                    let _ = reply.send(Err(error));
                 }),
             },
             Some(Ok(value)) => Ran {
                 failure: None,
                 completion: Box::new(move |commit| {
-                    let _ = reply.send(commit.map(|()| value).map_err(StoreError::Abandoned));
+                    let _ = reply.send(commit.map(|()| value).map_err(StoreError::from));
                 }),
             },
             Some(Err(error)) => Ran {
-                failure: Some(error.to_string()),
+                failure: Some(CommitFailure::new(&error)),
                 completion: Box::new(move |_| {
                     let _ = reply.send(Err(error));
                 }),
@@ -186,9 +215,9 @@ fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
     let mut txn = match begin(db) {
         Ok(txn) => txn,
         Err(error) => {
-            let reason = error.to_string();
+            let failure = CommitFailure::new(&error);
             for job in batch {
-                ((job.work)(None).completion)(Err(reason.clone()));
+                ((job.work)(None).completion)(Err(failure.clone()));
             }
             return;
         }
@@ -209,7 +238,8 @@ fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
         }
         None => {
             txn.set_quick_repair(true);
-            txn.commit().map_err(|error| error.to_string())
+            txn.commit()
+                .map_err(|error| CommitFailure::new(&StoreError::from(error)))
         }
     };
     if verdict.is_ok() {

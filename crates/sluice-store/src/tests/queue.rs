@@ -264,3 +264,31 @@ async fn concurrent_appends_share_one_commit_and_get_distinct_ids() {
     assert_eq!(all, (1..=20).collect::<Vec<_>>());
     assert_eq!(store.commits() - commits_before, 1);
 }
+
+#[tokio::test]
+async fn a_full_disk_fails_the_append_as_disk_full_and_stores_nothing() {
+    let disk = super::sim_disk::SimDisk::default();
+    let clock = clock();
+    let store = Store::open_with_backend(disk.clone(), options(&clock)).unwrap();
+    let queue = store.queue("q");
+    queue.append(payloads(&["a"])).await.unwrap();
+    disk.fill_up();
+    let err = queue.append(payloads(&["b"])).await.unwrap_err();
+    assert!(err.is_disk_full(), "{err}");
+    assert!(matches!(err, StoreError::DiskFull(_)), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("the disk is full, nothing was stored"),
+        "{err}"
+    );
+
+    // Space returns; a reopen (what the runtime does after a failed commit) resumes work.
+    disk.free_space();
+    drop((queue, store));
+    let store = Store::open_with_backend(disk, options(&clock)).unwrap();
+    let queue = store.queue("q");
+    assert_eq!(queue.append(payloads(&["c"])).await.unwrap(), [2]);
+    let leased = queue.lease(10, MINUTE).await.unwrap();
+    let got: Vec<_> = leased.iter().map(|d| d.payload.clone()).collect();
+    assert_eq!(got, ["a", "c"]);
+}

@@ -16,8 +16,10 @@ struct Disk {
     durable: Vec<u8>,
     /// Writes (and resizes, as `None` data) since the last sync, oldest first.
     unsynced: Vec<Change>,
-    /// Writes left before power is lost; `None`: never.
+    /// Writes left before power is lost (or the disk fills up); `None`: never.
     writes_left: Option<usize>,
+    /// What failing writes report.
+    failure: Option<io::ErrorKind>,
 }
 
 #[derive(Debug, Clone)]
@@ -44,14 +46,33 @@ fn apply(image: &mut Vec<u8>, change: &Change) {
     }
 }
 
-fn power_lost() -> io::Error {
-    io::Error::other("simulated power loss")
+impl Disk {
+    fn failure(&self) -> io::Error {
+        match self.failure {
+            Some(kind) => io::Error::new(kind, "simulated full disk"),
+            None => io::Error::other("simulated power loss"),
+        }
+    }
 }
 
 impl SimDisk {
     /// Loses power after `writes` more writes.
     pub(crate) fn fail_after(&self, writes: usize) {
         self.0.lock().unwrap().writes_left = Some(writes);
+    }
+
+    /// Fails every write and sync with "storage full" until [`free_space`](Self::free_space).
+    pub(crate) fn fill_up(&self) {
+        let mut disk = self.0.lock().unwrap();
+        disk.writes_left = Some(0);
+        disk.failure = Some(io::ErrorKind::StorageFull);
+    }
+
+    /// Undoes [`fill_up`](Self::fill_up).
+    pub(crate) fn free_space(&self) {
+        let mut disk = self.0.lock().unwrap();
+        disk.writes_left = None;
+        disk.failure = None;
     }
 
     /// The disk as found after a crash now: the synced image plus the first `keep` of
@@ -99,7 +120,7 @@ impl StorageBackend for SimDisk {
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut disk = self.0.lock().unwrap();
         if disk.writes_left == Some(0) {
-            return Err(power_lost());
+            return Err(disk.failure());
         }
         apply(&mut disk.current, &Change::SetLen(len));
         disk.unsynced.push(Change::SetLen(len));
@@ -109,7 +130,7 @@ impl StorageBackend for SimDisk {
     fn sync_data(&self) -> io::Result<()> {
         let mut disk = self.0.lock().unwrap();
         if disk.writes_left == Some(0) {
-            return Err(power_lost());
+            return Err(disk.failure());
         }
         let Disk {
             durable, unsynced, ..
@@ -123,7 +144,7 @@ impl StorageBackend for SimDisk {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut disk = self.0.lock().unwrap();
         match disk.writes_left {
-            Some(0) => return Err(power_lost()),
+            Some(0) => return Err(disk.failure()),
             Some(ref mut left) => *left -= 1,
             None => {}
         }
