@@ -38,9 +38,9 @@
 //! within `max_wait` (2 ms by default) up to `max_batch` records, runs them all in one
 //! transaction and commits it with `Durability::Immediate` (fsync). Only then are the replies
 //! sent, so an id returned by [`Queue::append`] is always on disk. One fsync serves every
-//! producer of the batch; at low rates a request waits at most `max_wait`, and not at all after
-//! a commit that served a single request (a lone producer cannot fill a batch while it waits
-//! for its own commit). `benches/queue.rs` measures it against a raw redb loop committing
+//! producer of the batch; a request waits at most `max_wait`, and the wait ends as soon as the
+//! batch is as large as the previous one (producers blocked on a commit come back together: a
+//! lone producer never waits, N steady producers commit once all N are in). `benches/queue.rs` measures it against a raw redb loop committing
 //! batches of the same size.
 //!
 //! # Recovery

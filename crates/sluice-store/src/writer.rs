@@ -22,9 +22,9 @@ use crate::error::StoreError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupCommit {
     /// How long the writer waits for more requests after the first one of a batch. Zero commits
-    /// whatever is queued at once: lowest latency, fewer requests per fsync. The wait is skipped
-    /// while the previous commit served a single request (a lone producer cannot fill a batch
-    /// while it waits for its own commit).
+    /// whatever is queued at once: lowest latency, fewer requests per fsync. The wait ends early
+    /// once the batch holds as many requests as the previous commit did (so a lone producer
+    /// never waits, and N steady producers commit as soon as all N are in).
     pub max_wait: Duration,
     /// Stop collecting once the batch holds this many records (an append of n records counts n,
     /// other requests 1).
@@ -161,37 +161,38 @@ impl Drop for Writer {
 }
 
 fn writer_loop(db: &Database, receiver: &Receiver<Job>, config: GroupCommit, commits: &AtomicU64) {
-    // A lone producer gains nothing from waiting: it is the only one who could fill the batch
-    // and it is blocked on this very commit. So the wait applies only after a commit that served
-    // several requests (PostgreSQL's `commit_siblings` idea), and from the start.
-    let mut concurrent = true;
+    // Waiting pays only while more requests can still come. Producers blocked on the previous
+    // commit come back together, so once the batch is as large as the previous one, waiting
+    // longer mostly delays everyone (PostgreSQL's `commit_siblings` idea, adapted): a lone
+    // producer never waits, N steady producers commit as soon as all N are in, and a growing
+    // load still grows the batch through what is already queued.
+    let mut expected = usize::MAX;
     while let Ok(first) = receiver.recv() {
-        let max_wait = if concurrent {
-            config.max_wait
-        } else {
-            Duration::ZERO
-        };
-        let batch = collect_batch(first, receiver, config.max_batch, max_wait);
-        concurrent = batch.len() > 1;
+        let batch = collect_batch(first, receiver, config, expected);
+        expected = batch.len();
         commit_batch(db, batch, commits);
     }
 }
 
-/// Takes what is queued, then waits up to `max_wait` from the first request for more.
+/// Takes what is queued, then, while the batch holds fewer than `expected` requests, waits up to
+/// `max_wait` from the first request for more.
 fn collect_batch(
     first: Job,
     receiver: &Receiver<Job>,
-    max_batch: usize,
-    max_wait: Duration,
+    config: GroupCommit,
+    expected: usize,
 ) -> Vec<Job> {
-    let deadline = Instant::now() + max_wait;
+    let deadline = Instant::now() + config.max_wait;
     let mut weight = first.weight;
     let mut batch = vec![first];
-    while weight < max_batch {
+    while weight < config.max_batch {
         let next = match receiver.try_recv() {
             Ok(job) => job,
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
+                if batch.len() >= expected {
+                    break;
+                }
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                     break;
                 };

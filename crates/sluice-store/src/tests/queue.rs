@@ -292,3 +292,37 @@ async fn a_full_disk_fails_the_append_as_disk_full_and_stores_nothing() {
     let got: Vec<_> = leased.iter().map(|d| d.payload.clone()).collect();
     assert_eq!(got, ["a", "c"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_wait_ends_once_the_batch_is_as_large_as_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = crate::StoreOptions {
+        group_commit: GroupCommit {
+            max_wait: Duration::from_secs(3600),
+            max_batch: 100,
+        },
+        ..options(&clock())
+    };
+    let store = Store::open(tmp.path(), options).unwrap();
+    let queue = store.queue("q");
+    let fifty = || (0..50).map(|i| Bytes::from(vec![i; 4])).collect::<Vec<_>>();
+    // Two appends of 50 records fill the first batch (max_batch): one commit of 2 requests.
+    let (a, b) = tokio::join!(queue.append(fifty()), queue.append(fifty()));
+    assert_eq!(a.unwrap().len() + b.unwrap().len(), 100);
+    assert_eq!(store.commits(), 1);
+    // Two single-record appends: far from max_batch, but as many requests as the previous
+    // commit, so the writer commits once both are in instead of waiting out max_wait. The
+    // timeout only turns a hang into a failure.
+    let both = async {
+        tokio::join!(
+            queue.append(payloads(&["x"])),
+            queue.append(payloads(&["y"]))
+        )
+    };
+    let (x, y) = tokio::time::timeout(Duration::from_secs(120), both)
+        .await
+        .expect("the batch committed without waiting for max_wait");
+    x.unwrap();
+    y.unwrap();
+    assert_eq!(store.commits(), 2);
+}
