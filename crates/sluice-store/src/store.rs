@@ -1,0 +1,160 @@
+//! Opening a store: the directory lock, the database, recovery, the writer thread.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, StorageBackend, WriteTransaction};
+
+use crate::clock::{Clock, SystemClock};
+use crate::dead_letter::DeadLetters;
+use crate::error::StoreError;
+use crate::idempotent::IdempotentKeys;
+use crate::lock::DirLock;
+use crate::queue::{self, Queue};
+use crate::tables;
+use crate::writer::{GroupCommit, Writer};
+
+/// The database file's name inside the data directory.
+pub const DATABASE_FILE: &str = "store.redb";
+
+/// How a store behaves.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How writes are packed into durable commits.
+    pub group_commit: GroupCommit,
+    /// Where time comes from (visibility timeouts, expiries, timestamps).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            group_commit: GroupCommit::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// What opening the store did. The counts make "open does not scan the queue" checkable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Entries read to recover: in-flight entries only, never records.
+    pub entries_read: usize,
+}
+
+/// State shared by every handle of one open store. Field order matters: the writer is dropped
+/// (and joined) before the database and the lock are released.
+pub(crate) struct Inner {
+    pub(crate) writer: Writer,
+    pub(crate) db: Arc<Database>,
+    pub(crate) clock: Arc<dyn Clock>,
+    lock: Option<DirLock>,
+}
+
+/// An open store; handles ([`Queue`], [`DeadLetters`], [`IdempotentKeys`]) keep it open, and
+/// the database closes when the last one is dropped.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+    report: OpenReport,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("report", &self.report)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, locked against other processes. Leases
+    /// held when the store was last closed become visible again.
+    pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        let lock = DirLock::acquire(dir)?;
+        let db = Database::builder().create(dir.join(DATABASE_FILE))?;
+        Self::start(db, Some(lock), options)
+    }
+
+    /// Opens a store on any redb storage backend, without a directory lock: for tests (a
+    /// simulated disk) and embedding. The caller guarantees exclusive use.
+    pub fn open_with_backend(
+        backend: impl StorageBackend,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let db = Database::builder().create_with_backend(backend)?;
+        Self::start(db, None, options)
+    }
+
+    fn start(
+        db: Database,
+        lock: Option<DirLock>,
+        options: StoreOptions,
+    ) -> Result<Self, StoreError> {
+        let db = Arc::new(db);
+        let report = recover(&db)?;
+        let writer = Writer::start(Arc::clone(&db), options.group_commit)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                writer,
+                db,
+                clock: options.clock,
+                lock,
+            }),
+            report,
+        })
+    }
+
+    /// Durable commits made by the writer since open (each may hold many requests).
+    pub fn commits(&self) -> u64 {
+        self.inner.writer.commits()
+    }
+
+    /// The locked data directory; `None` for a store on another backend.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.lock.as_ref().map(DirLock::dir)
+    }
+
+    /// What opening did.
+    pub fn open_report(&self) -> OpenReport {
+        self.report
+    }
+
+    /// The durable queue of `channel` (created on first append).
+    pub fn queue(&self, channel: &str) -> Queue {
+        Queue::new(Arc::clone(&self.inner), channel)
+    }
+
+    /// The dead-letter store.
+    pub fn dead_letters(&self) -> DeadLetters {
+        DeadLetters::new(Arc::clone(&self.inner))
+    }
+
+    /// The idempotency keys of repository `name`.
+    pub fn idempotent_keys(&self, name: &str) -> IdempotentKeys {
+        IdempotentKeys::new(Arc::clone(&self.inner), name)
+    }
+}
+
+/// Creates missing tables and releases the leases of the previous run, in one commit.
+fn recover(db: &Database) -> Result<OpenReport, StoreError> {
+    let mut txn = db.begin_write()?;
+    txn.set_quick_repair(true);
+    create_tables(&txn)?;
+    let entries_read = queue::release_leases(&txn)?;
+    txn.commit()?;
+    Ok(OpenReport { entries_read })
+}
+
+fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(tables::RECORDS)?;
+    txn.open_table(tables::CHANNELS)?;
+    txn.open_table(tables::IN_FLIGHT)?;
+    txn.open_table(tables::VISIBLE_AT)?;
+    txn.open_table(tables::DEAD_LETTERS)?;
+    txn.open_table(tables::REPLAYS)?;
+    txn.open_table(tables::COUNTERS)?;
+    txn.open_table(tables::IDEMPOTENT)?;
+    txn.open_table(tables::IDEMPOTENT_EXPIRY)?;
+    Ok(())
+}

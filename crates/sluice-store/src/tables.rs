@@ -1,0 +1,47 @@
+//! Every redb table of the store, in one place so the layout can be read at a glance.
+//!
+//! Keys that start with a channel or repository name keep each one's entries contiguous, so a
+//! range over one name never touches another's.
+
+use redb::TableDefinition;
+
+/// `(channel, seq) -> frame(payload)`: every record not yet acknowledged.
+pub(crate) const RECORDS: TableDefinition<(&str, u64), &[u8]> =
+    TableDefinition::new("queue_records");
+
+/// `channel -> (next_seq, fresh_cursor)`. Records at or after `fresh_cursor` were never leased;
+/// records before it that are still stored have an [`IN_FLIGHT`] entry.
+pub(crate) const CHANNELS: TableDefinition<&str, (u64, u64)> =
+    TableDefinition::new("queue_channels");
+
+/// `(channel, seq) -> (visible_at_ms, deliveries, state)` for records handed out at least once
+/// and not acknowledged. `state` is [`LEASED`] or [`DELAYED`].
+pub(crate) const IN_FLIGHT: TableDefinition<(&str, u64), (u64, u32, u8)> =
+    TableDefinition::new("queue_in_flight");
+
+/// `(channel, visible_at_ms, seq) -> ()`: the in-flight records by the time they become
+/// visible again, so a lease finds expired ones without scanning.
+pub(crate) const VISIBLE_AT: TableDefinition<(&str, u64, u64), ()> =
+    TableDefinition::new("queue_visible_at");
+
+/// In-flight state: held by a consumer until its visibility timeout.
+pub(crate) const LEASED: u8 = 0;
+/// In-flight state: given back with a delay (nack); stays delayed across restarts.
+pub(crate) const DELAYED: u8 = 1;
+
+/// `id -> frame(dead letter)`.
+pub(crate) const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead_letters");
+
+/// `replay_id -> dead letter id`: replays already done, to make replay idempotent.
+pub(crate) const REPLAYS: TableDefinition<&str, u64> = TableDefinition::new("dead_letter_replays");
+
+/// `name -> value`: counters (the next dead letter id).
+pub(crate) const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+
+/// `(repository, key) -> (state, expires_at_ms)`.
+pub(crate) const IDEMPOTENT: TableDefinition<(&str, &str), (u8, u64)> =
+    TableDefinition::new("idempotent_keys");
+
+/// `(expires_at_ms, repository, key) -> ()`: the keys by expiry, to purge without scanning.
+pub(crate) const IDEMPOTENT_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
+    TableDefinition::new("idempotent_expiry");
