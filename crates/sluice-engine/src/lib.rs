@@ -12,6 +12,7 @@ pub mod build;
 pub mod channel;
 pub mod config;
 pub mod docs;
+pub mod durable;
 pub mod expr;
 pub mod flow;
 pub mod metrics;

@@ -82,6 +82,10 @@ async fn run_one(project: &Project, registry: &Registry, test: &TestDef) -> Test
     };
     let captured = Captured::default();
     let resources = Arc::new(Resources::default());
+    // A test never touches the data directory: durable components get a store in memory.
+    resources
+        .get_or_default::<crate::durable::DurableStore>()
+        .use_memory();
     // Channels the project reads exist; what a step sends to one is captured as `channel:<name>`.
     let channels = resources.get_or_default::<Channels>();
     for reader in project

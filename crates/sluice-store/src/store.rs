@@ -86,6 +86,12 @@ impl Store {
         Self::start(db, None, options)
     }
 
+    /// A store in memory that vanishes with the process: for checking flows (`sluice validate`,
+    /// `sluice test`) without touching the data directory.
+    pub fn open_in_memory(options: StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with_backend(redb::backends::InMemoryBackend::new(), options)
+    }
+
     fn start(
         db: Database,
         lock: Option<DirLock>,

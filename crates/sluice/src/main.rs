@@ -50,6 +50,10 @@ enum Command {
         /// `127.0.0.1:9464`. Off by default.
         #[arg(long, value_name = "ADDR")]
         admin: Option<std::net::SocketAddr>,
+        /// Where durable state lives (durable channels, dead letters, idempotency keys); opened
+        /// and locked only if a flow needs it.
+        #[arg(long, value_name = "DIR", default_value = sluice_engine::durable::DEFAULT_DATA_DIR)]
+        data: PathBuf,
     },
     /// Check flow files without running them; report every problem with file:line:column.
     Validate {
@@ -97,7 +101,8 @@ fn main() -> ExitCode {
             paths,
             grace,
             admin,
-        } => run(&paths, grace, admin),
+            data,
+        } => run(&paths, grace, admin, &data),
         Command::Validate { paths } => validate(&paths),
         Command::Test { paths } => test(&paths),
         Command::Schema { out } => schema(out),
@@ -143,6 +148,7 @@ fn run(
     paths: &[PathBuf],
     grace: Duration,
     admin: Option<std::net::SocketAddr>,
+    data: &std::path::Path,
 ) -> anyhow::Result<ExitCode> {
     let registry = sluice::registry();
     let project = match load(paths) {
@@ -151,7 +157,11 @@ fn run(
     };
     let rt = tokio_runtime()?;
     rt.block_on(async {
-        let topology = match build::build(&project, &registry, Arc::new(Resources::default())) {
+        let resources = Arc::new(Resources::default());
+        resources
+            .get_or_default::<sluice_engine::durable::DurableStore>()
+            .set_dir(data);
+        let topology = match build::build(&project, &registry, resources) {
             Ok(t) => t,
             Err(diagnostics) => {
                 eprintln!("{diagnostics}");
@@ -200,7 +210,12 @@ fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     // is started. Factories may touch the async runtime, so give them one.
     let rt = tokio_runtime()?;
     let built = rt.block_on(async {
-        build::build(&project, &registry, Arc::new(Resources::default())).map(|_| ())
+        // Checking never touches the data directory: durable components get a store in memory.
+        let resources = Arc::new(Resources::default());
+        resources
+            .get_or_default::<sluice_engine::durable::DurableStore>()
+            .use_memory();
+        build::build(&project, &registry, resources).map(|_| ())
     });
     match built {
         Ok(()) => {

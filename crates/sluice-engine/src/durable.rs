@@ -1,0 +1,111 @@
+//! The process's durable store (`sluice-store`), opened on first use.
+//!
+//! Only flows that need durability (a durable channel, the dead-letter store, persistent
+//! idempotency keys) open it, so a project without them never creates the data directory or
+//! takes its lock. The directory is set once before building (`sluice run --data DIR`, default
+//! `./data`); every component of the process then shares the one open [`Store`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use sluice_core::BuildError;
+use sluice_store::{Store, StoreOptions};
+
+/// The data directory used when none is configured.
+pub const DEFAULT_DATA_DIR: &str = "./data";
+
+/// The store of this process, in [`sluice_core::Resources`].
+pub struct DurableStore {
+    dir: Mutex<PathBuf>,
+    in_memory: std::sync::atomic::AtomicBool,
+    opened: OnceLock<Result<Store, String>>,
+}
+
+impl Default for DurableStore {
+    fn default() -> Self {
+        DurableStore {
+            dir: Mutex::new(PathBuf::from(DEFAULT_DATA_DIR)),
+            in_memory: std::sync::atomic::AtomicBool::new(false),
+            opened: OnceLock::new(),
+        }
+    }
+}
+
+impl DurableStore {
+    /// Sets the data directory; has no effect once the store is open.
+    pub fn set_dir(&self, dir: &Path) {
+        if let Ok(mut current) = self.dir.lock() {
+            *current = dir.to_path_buf();
+        }
+    }
+
+    /// Keeps the store in memory instead of the data directory: for `sluice validate` and
+    /// `sluice test`, which build flows without running them for real. Before first use only.
+    pub fn use_memory(&self) {
+        self.in_memory
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> PathBuf {
+        self.dir
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_else(|_| PathBuf::from(DEFAULT_DATA_DIR))
+    }
+
+    /// The open store, opening it on first use. A failure (the directory is locked by another
+    /// process, not writable) is remembered: every component asking gets the same error.
+    pub fn store(&self) -> Result<Store, BuildError> {
+        self.opened
+            .get_or_init(|| {
+                if self.in_memory.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Store::open_in_memory(StoreOptions::default())
+                        .map_err(|e| format!("cannot open an in-memory store: {e}"));
+                }
+                let dir = self.dir();
+                Store::open(&dir, StoreOptions::default()).map_err(|e| {
+                    format!(
+                        "cannot open the durable store in {}: {e}; choose another directory with --data",
+                        dir.display()
+                    )
+                })
+            })
+            .clone()
+            .map_err(BuildError::new)
+    }
+
+    /// The store if something already opened it.
+    pub fn if_open(&self) -> Option<Store> {
+        self.opened.get().and_then(|r| r.as_ref().ok().cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_once_in_the_configured_directory_and_reports_a_lock_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DurableStore::default();
+        assert!(first.if_open().is_none(), "nothing opened before first use");
+        first.set_dir(dir.path());
+        first.store().unwrap();
+        assert!(dir.path().join(sluice_store::DATABASE_FILE).exists());
+        assert!(first.if_open().is_some());
+
+        let second = DurableStore::default();
+        second.set_dir(dir.path());
+        let error = second.store().unwrap_err().to_string();
+        assert!(error.contains("--data"), "{error}");
+        assert!(error.contains(&dir.path().display().to_string()), "{error}");
+
+        let checking = DurableStore::default();
+        checking.set_dir(dir.path());
+        checking.use_memory();
+        checking
+            .store()
+            .expect("in memory: the directory's lock does not matter");
+    }
+}
