@@ -50,8 +50,7 @@ impl DurableStore {
     pub fn dir(&self) -> PathBuf {
         self.dir
             .lock()
-            .map(|d| d.clone())
-            .unwrap_or_else(|_| PathBuf::from(DEFAULT_DATA_DIR))
+            .map_or_else(|_| PathBuf::from(DEFAULT_DATA_DIR), |d| d.clone())
     }
 
     /// The open store, opening it on first use. A failure (the directory is locked by another
