@@ -170,10 +170,7 @@ fn run(
         };
         let runtime = Runtime::start(topology);
         if let Some(addr) = admin {
-            let state = sluice::admin::AdminState {
-                resources: Arc::clone(runtime.resources()),
-                health: runtime.health_board(),
-            };
+            let state = sluice::admin::AdminState::new(&runtime);
             sluice::admin::serve(addr, state, runtime.shutdown_token()).await?;
         }
         wait_for_signal().await?;
