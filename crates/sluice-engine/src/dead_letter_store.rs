@@ -109,7 +109,11 @@ struct DeadLetterSink {
 impl Sink for DeadLetterSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
         let letter = self.letter(msg);
-        let id = self.letters.put(letter).await.map_err(store_error)?;
+        let id = self
+            .letters
+            .put(letter)
+            .await
+            .map_err(|e| store_error(&e))?;
         tracing::info!(flow = %self.flow, message_id = %msg.id(), dead_letter_id = id, "dead letter stored");
         Ok(())
     }
@@ -151,7 +155,7 @@ impl DeadLetterSink {
     }
 }
 
-fn store_error(error: StoreError) -> ProcessError {
+fn store_error(error: &StoreError) -> ProcessError {
     let kind = if error.is_disk_full() {
         ErrorKind::Unavailable
     } else {
