@@ -1,7 +1,8 @@
 //! `/dlq`: the dead-letter store over HTTP (JSON).
 //!
 //! * `GET /dlq?flow=&since=&error=&limit=&after=`: a page of letters (no bodies), oldest first;
-//!   `next_after` is the `after` of the next page, `null` on the last one.
+//!   `next_after` is the `after` of the next page when this one is full (the next may be
+//!   empty), else `null`.
 //! * `GET /dlq/{id}`: one letter with its headers and body (`body` as text when it is UTF-8,
 //!   else `body_base64`).
 //! * `DELETE /dlq/{id}`: removes it.
