@@ -356,6 +356,128 @@ mod tests {
         assert!(shown.get("body").is_none());
     }
 
+    /// A disk in memory that starts refusing writes when told to (a full disk).
+    #[derive(Debug)]
+    struct FillingDisk {
+        inner: redb::backends::InMemoryBackend,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FillingDisk {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    "disk full",
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    impl redb::StorageBackend for FillingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    struct Fails;
+
+    #[async_trait]
+    impl sluice_core::Processor for Fails {
+        async fn process(
+            &self,
+            msg: Message,
+        ) -> Result<sluice_core::Outputs, sluice_core::Failure> {
+            Err(sluice_core::Failure::new(
+                msg,
+                ProcessError::invalid_input("bad order"),
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_write_fails_the_delivery_and_the_flow_nacks() {
+        use sluice_core::Dispatch;
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let disk = FillingDisk {
+            inner: redb::backends::InMemoryBackend::new(),
+            full: Arc::clone(&full),
+        };
+        let store = Store::open_with_backend(disk, StoreOptions::default()).unwrap();
+        let flow = crate::flow::Flow::with_options(
+            "orders".into(),
+            crate::flow::Pipeline::new(vec![crate::flow::Step {
+                id: "check".into(),
+                processor: Arc::new(Fails),
+            }]),
+            Vec::new(),
+            crate::flow::FlowOptions {
+                dead_letter: Some(crate::flow::Target {
+                    id: "stored".into(),
+                    sink: Arc::new(sink(&store)),
+                }),
+                ..Default::default()
+            },
+        );
+
+        let (token, outcome) = sluice_core::AckToken::channel();
+        let failure = flow
+            .dispatch(Message::bytes(&b"{}"[..]).with_ack(token))
+            .await
+            .unwrap_err();
+        assert!(failure.message.headers.contains_key(DEAD_LETTERED));
+        assert!(
+            outcome.await.unwrap().is_ack(),
+            "stored: the source may forget it"
+        );
+
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (token, outcome) = sluice_core::AckToken::channel();
+        let failure = flow
+            .dispatch(Message::bytes(&b"{}"[..]).with_ack(token))
+            .await
+            .unwrap_err();
+        assert!(!failure.message.headers.contains_key(DEAD_LETTERED));
+        assert_eq!(
+            failure.error.kind,
+            ErrorKind::InvalidInput,
+            "the first error is reported"
+        );
+        assert!(
+            !outcome.await.unwrap().is_ack(),
+            "not stored: the source must keep it"
+        );
+
+        let error = sink(&store)
+            .deliver(&Message::bytes(&b"{}"[..]))
+            .await
+            .unwrap_err();
+        assert!(
+            error.detail.contains("writing the dead letter failed"),
+            "{error}"
+        );
+        assert!(
+            matches!(error.kind, ErrorKind::Unavailable | ErrorKind::Io),
+            "{error:?}"
+        );
+    }
+
     #[test]
     fn since_takes_a_time_or_a_duration_ago() {
         assert_eq!(parse_since("2s", 10_000), Ok(8_000));
