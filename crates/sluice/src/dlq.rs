@@ -89,6 +89,17 @@ enum DlqAction {
     },
 }
 
+/// Prints a line to standard output; a closed pipe (`| head`) ends the command quietly instead
+/// of panicking like `println!`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
 /// Where the commands go.
 enum Backend {
     Admin(String),
@@ -137,7 +148,7 @@ fn open_store(dir: &Path) -> anyhow::Result<DeadLetters> {
     match Store::open(dir, StoreOptions::default()) {
         Ok(store) => Ok(store.dead_letters()),
         Err(error @ StoreError::Locked { .. }) => Err(anyhow!(
-            "{error}; a running Sluice holds it: pass --admin URL (its `sluice run --admin` address) or set {ADMIN_ENV}"
+            "{error}; to reach its dead letters while it runs, pass --admin URL (its `sluice run --admin` address) or set {ADMIN_ENV}"
         )),
         Err(error) => {
             Err(anyhow!(error).context(format!("cannot open the store in {}", dir.display())))
@@ -156,7 +167,7 @@ async fn execute(backend: &Backend, action: DlqAction, as_json: bool) -> anyhow:
         } => {
             let page = list(backend, flow, since, error, limit, after).await?;
             if as_json {
-                println!("{page}");
+                out!("{page}");
             } else {
                 print_table(&page);
             }
@@ -165,9 +176,9 @@ async fn execute(backend: &Backend, action: DlqAction, as_json: bool) -> anyhow:
         DlqAction::Show { id } => {
             let letter = show(backend, id).await?;
             if as_json {
-                println!("{letter}");
+                out!("{letter}");
             } else {
-                println!("{}", serde_json::to_string_pretty(&letter)?);
+                out!("{}", serde_json::to_string_pretty(&letter)?);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -236,9 +247,9 @@ fn exit(failed: bool) -> ExitCode {
 
 fn report(as_json: bool, value: &Value, text: impl FnOnce() -> String) {
     if as_json {
-        println!("{value}");
+        out!("{value}");
     } else {
-        println!("{}", text());
+        out!("{}", text());
     }
 }
 
@@ -371,32 +382,36 @@ async fn call(method: &str, url: &str, body: String) -> anyhow::Result<(u16, Val
 /// Prints a page of letters as a table, one line each.
 fn print_table(page: &Value) {
     let letters = page["letters"].as_array().cloned().unwrap_or_default();
-    println!(
-        "{:>6}  {:<20}  {:<16}  {:>8}  {:<24}  ERROR",
-        "ID", "FLOW", "STEP", "ATTEMPTS", "LAST FAILURE"
+    out!(
+        "{:>6}  {:<28}  {:<16}  {:>8}  {:<24}  ERROR",
+        "ID",
+        "FLOW",
+        "STEP",
+        "ATTEMPTS",
+        "LAST FAILURE"
     );
     for letter in &letters {
         let text = |key: &str| letter[key].as_str().unwrap_or_default().to_owned();
-        println!(
-            "{:>6}  {:<20}  {:<16}  {:>8}  {:<24}  {}",
-            letter["id"],
-            cut(&text("flow"), 20),
+        out!(
+            "{:>6}  {:<28}  {:<16}  {:>8}  {:<24}  {}",
+            letter["id"].to_string(),
+            cut(&text("flow"), 28),
             cut(&text("step"), 16),
-            letter["attempts"],
+            letter["attempts"].to_string(),
             text("last_failure"),
             cut(&text("error"), 80),
         );
     }
     if let Some(corrupt) = page["corrupt"].as_array().filter(|c| !c.is_empty()) {
-        println!(
+        out!(
             "corrupt entries (cannot be decoded; delete them): {}",
             Value::Array(corrupt.clone())
         );
     }
     if let Some(next) = page["next_after"].as_u64() {
-        println!("more: pass --after {next} for the next page");
+        out!("more: pass --after {next} for the next page");
     } else if letters.is_empty() {
-        println!("(no dead letters)");
+        out!("(no dead letters)");
     }
 }
 

@@ -309,6 +309,10 @@ async fn the_cli_lists_shows_and_deletes_in_a_store_directory() {
     assert!(ok, "{stderr}");
     assert!(table.starts_with("    ID  FLOW"), "{table}");
     assert!(
+        table.contains("\n     1  billing "),
+        "ids right-aligned: {table}"
+    );
+    assert!(
         table.contains("billing") && table.contains("shipping"),
         "{table}"
     );
