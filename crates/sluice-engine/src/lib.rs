@@ -5,12 +5,13 @@
 //! `tests:` blocks of flow files; `docs` renders the reference docs and JSON Schema from specs.
 //! `expr` holds the expression languages (jq, templates), `processors` the built-in steps and
 //! `channel` the in-memory channels that link flows, `background` the work steps start and do not
-//! wait for; `metrics` counts what flows and circuit breakers do and renders it for Prometheus.
+//! wait for; `durable` the process's store and `dead_letter_store` the sink keeping dead letters in it; `metrics` counts what flows and circuit breakers do and renders it for Prometheus.
 
 pub mod background;
 pub mod build;
 pub mod channel;
 pub mod config;
+pub mod dead_letter_store;
 pub mod docs;
 pub mod durable;
 pub mod expr;
@@ -26,4 +27,5 @@ pub mod testing;
 pub fn register_all(registry: &mut sluice_core::Registry) {
     processors::register_all(registry);
     channel::register(registry);
+    registry.sink(dead_letter_store::spec(), dead_letter_store::build);
 }

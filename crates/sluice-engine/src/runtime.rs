@@ -93,6 +93,11 @@ impl Runtime {
         self.flows.get(name).cloned()
     }
 
+    /// Every flow, by name.
+    pub fn flows(&self) -> &BTreeMap<String, Arc<Flow>> {
+        &self.flows
+    }
+
     /// Health of every flow's source.
     pub fn health(&self) -> BTreeMap<String, Health> {
         self.health.snapshot()

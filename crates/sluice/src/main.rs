@@ -1,4 +1,7 @@
-//! The `sluice` command: run, validate and test flow files; generate the schema and docs.
+//! The `sluice` command: run, validate and test flow files; generate the schema and docs;
+//! browse and replay dead letters (`dlq.rs`).
+
+mod dlq;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +70,9 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Browse, delete and replay dead letters (the `dead_letter_store` of `--data`, or of a
+    /// running Sluice through `--admin URL`).
+    Dlq(dlq::DlqArgs),
     /// Print the JSON Schema of flow files (for editor autocomplete).
     Schema {
         /// Write to this file instead of standard output.
@@ -93,6 +99,8 @@ fn main() -> ExitCode {
     // Flow tests provoke failures on purpose; their warnings would drown the PASS/FAIL lines.
     let default_level = match cli.command {
         Command::Test { .. } => "error",
+        // The store's open and close would otherwise log over the command's output.
+        Command::Dlq(_) => "warn",
         _ => "info",
     };
     init_logging(cli.log_format, default_level);
@@ -105,6 +113,7 @@ fn main() -> ExitCode {
         } => run(&paths, grace, admin, &data),
         Command::Validate { paths } => validate(&paths),
         Command::Test { paths } => test(&paths),
+        Command::Dlq(args) => dlq::run(args),
         Command::Schema { out } => schema(out),
         Command::Docs { out, check } => write_docs(&out, check),
     };
@@ -170,10 +179,7 @@ fn run(
         };
         let runtime = Runtime::start(topology);
         if let Some(addr) = admin {
-            let state = sluice::admin::AdminState {
-                resources: Arc::clone(runtime.resources()),
-                health: runtime.health_board(),
-            };
+            let state = sluice::admin::AdminState::new(&runtime);
             sluice::admin::serve(addr, state, runtime.shutdown_token()).await?;
         }
         wait_for_signal().await?;

@@ -41,10 +41,7 @@ async fn metrics_follow_flows_and_show_an_open_circuit() {
         &FLOWS.replace("PORT", &port.to_string()),
     );
     let runtime = start(&[flows], Some(port)).await;
-    let state = sluice::admin::AdminState {
-        resources: Arc::clone(runtime.resources()),
-        health: runtime.health_board(),
-    };
+    let state = sluice::admin::AdminState::new(&runtime);
     let admin = sluice::admin::serve(
         "127.0.0.1:0".parse().unwrap(),
         state,
@@ -115,12 +112,7 @@ async fn metrics_follow_flows_and_show_an_open_circuit() {
     );
     let missing = request("GET", &format!("http://{admin}/nope"), "").await;
     assert_eq!(missing.status, 404);
-    assert!(
-        missing.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("/metrics")
-    );
+    assert!(missing.json()["error"].as_str().unwrap().contains("/dlq"));
     assert_eq!(request("POST", &metrics_url, "").await.status, 405);
     runtime.shutdown(std::time::Duration::from_secs(5)).await;
 }
@@ -141,10 +133,7 @@ async fn a_flow_whose_source_failed_makes_health_503() {
     let runtime = start(&[flows], None).await;
     let admin = sluice::admin::serve(
         "127.0.0.1:0".parse().unwrap(),
-        sluice::admin::AdminState {
-            resources: Arc::clone(runtime.resources()),
-            health: runtime.health_board(),
-        },
+        sluice::admin::AdminState::new(&runtime),
         runtime.shutdown_token(),
     )
     .await
@@ -178,6 +167,7 @@ async fn a_taken_admin_address_is_a_clear_error() {
     let state = sluice::admin::AdminState {
         resources: Arc::default(),
         health: sluice_engine::runtime::HealthBoard::default(),
+        flows: Arc::default(),
     };
     let error = sluice::admin::serve(addr, state, tokio_util::sync::CancellationToken::new())
         .await

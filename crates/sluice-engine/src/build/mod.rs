@@ -113,6 +113,9 @@ pub fn build_flow(
 ) -> Result<Arc<Flow>, Vec<Diagnostic>> {
     let diags = Mutex::new(Vec::new());
     let flow_slot = FlowSlot::default();
+    resources
+        .get_or_default::<crate::dead_letter_store::FlowVersions>()
+        .set(&def.name, flow_version(def));
     let pipeline = build_steps(
         def,
         &def.steps,
@@ -208,6 +211,42 @@ pub fn build_flow(
     } else {
         Err(problems)
     }
+}
+
+/// The flow's version: a content hash of its definition as loaded (defaults filled), recorded
+/// with its dead letters. Flow files carry no revision of their own; the hash changes exactly
+/// when the definition does.
+fn flow_version(def: &FlowDef) -> String {
+    let uses = std::iter::once(&def.from)
+        .chain(&def.steps)
+        .chain(&def.to)
+        .chain(&def.handling.on_error)
+        .chain(&def.handling.dead_letter);
+    let mut parts: Vec<Vec<u8>> = vec![def.name.clone().into_bytes()];
+    for component in uses {
+        parts.push(
+            format!(
+                "{}#{}#{}",
+                component.path, component.component, component.config
+            )
+            .into_bytes(),
+        );
+        parts.push(
+            format!(
+                "{:?}{:?}",
+                component.policies.retry, component.policies.circuit_breaker
+            )
+            .into_bytes(),
+        );
+    }
+    parts.push(
+        format!(
+            "{:?}{:?}",
+            def.handling.concurrency, def.handling.ordered_by
+        )
+        .into_bytes(),
+    );
+    crate::dead_letter_store::content_hash(parts.iter().map(Vec::as_slice))
 }
 
 /// A downstream that belongs to no pipeline: for sources and sinks.

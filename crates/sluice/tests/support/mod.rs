@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,10 +33,27 @@ pub fn write_flow(dir: &tempfile::TempDir, name: &str, yaml: &str) -> PathBuf {
 
 /// Loads, builds and starts the flows at `paths`, and waits until `port` accepts connections.
 pub async fn start(paths: &[PathBuf], port: Option<u16>) -> Runtime {
+    start_with_resources(paths, port, Arc::new(Resources::default())).await
+}
+
+/// Like [`start`], with the durable store in `data` (as `sluice run --data`).
+pub async fn start_with_data(paths: &[PathBuf], port: Option<u16>, data: &Path) -> Runtime {
+    let resources = Arc::new(Resources::default());
+    resources
+        .get_or_default::<sluice_engine::durable::DurableStore>()
+        .set_dir(data);
+    start_with_resources(paths, port, resources).await
+}
+
+async fn start_with_resources(
+    paths: &[PathBuf],
+    port: Option<u16>,
+    resources: Arc<Resources>,
+) -> Runtime {
     let registry = sluice::registry();
     let project =
         config::load(paths, &registry).unwrap_or_else(|d| panic!("flows do not load:\n{d}"));
-    let topology = build::build(&project, &registry, Arc::new(Resources::default()))
+    let topology = build::build(&project, &registry, resources)
         .unwrap_or_else(|d| panic!("flows do not build:\n{d}"));
     let runtime = Runtime::start(topology);
     if let Some(port) = port {

@@ -3,11 +3,16 @@
 //! * `GET /metrics`: every counter in the Prometheus text format (flows, circuit breakers).
 //! * `GET /health`: each flow's health as JSON; 200 when no flow has failed, 503 otherwise, so a
 //!   load balancer or an orchestrator's probe can use it as is.
+//! * `/dlq`: the dead-letter store (`dlq.rs`): list, show, delete and replay letters.
 //!
 //! It listens on its own address (`sluice run --admin ADDR`), apart from the flows' listeners,
-//! so it can stay on loopback while flows face the network. It is read-only; later write
-//! operations (dead-letter replay) will need authentication before they are added here.
+//! so it can stay on loopback while flows face the network. It has no authentication: whoever
+//! reaches the address can delete and replay dead letters, hence off by default and meant for
+//! loopback or a protected network (docs/operations.md).
 
+mod dlq;
+
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,9 +26,9 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use sluice_core::Resources;
+use sluice_core::{Dispatch, Resources};
 use sluice_engine::metrics;
-use sluice_engine::runtime::{Health, HealthBoard};
+use sluice_engine::runtime::{Health, HealthBoard, Runtime};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -37,6 +42,27 @@ pub struct AdminState {
     pub resources: Arc<Resources>,
     /// Every flow's health.
     pub health: HealthBoard,
+    /// The running flows by name: where dead letters are replayed.
+    pub flows: Arc<FlowDirectory>,
+}
+
+/// The running flows by name.
+pub type FlowDirectory = BTreeMap<String, Arc<dyn Dispatch>>;
+
+impl AdminState {
+    /// What the admin API needs of a running `runtime`.
+    pub fn new(runtime: &Runtime) -> Self {
+        let flows = runtime
+            .flows()
+            .iter()
+            .map(|(name, flow)| (name.clone(), Arc::clone(flow) as Arc<dyn Dispatch>))
+            .collect();
+        AdminState {
+            resources: Arc::clone(runtime.resources()),
+            health: runtime.health_board(),
+            flows: Arc::new(flows),
+        }
+    }
 }
 
 /// The admin API could not start.
@@ -60,7 +86,7 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .map_err(|source| AdminError { addr, source })?;
-    tracing::info!(listen = %local, "admin API listening: /metrics, /health");
+    tracing::info!(listen = %local, "admin API listening: /metrics, /health, /dlq");
     tokio::spawn(accept_loop(listener, Arc::new(state), stop));
     Ok(local)
 }
@@ -82,7 +108,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<AdminState>, stop: Cancel
         let state = Arc::clone(&state);
         let service = service_fn(move |req| {
             let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(route(&state, &req)) }
+            async move { Ok::<_, Infallible>(route(&state, req).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -100,8 +126,11 @@ async fn accept_loop(listener: TcpListener, state: Arc<AdminState>, stop: Cancel
     }
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
+    if path == "/dlq" || path.starts_with("/dlq/") {
+        return dlq::route(state, req).await;
+    }
     let known = matches!(path, "/metrics" | "/health");
     if known && req.method() != Method::GET {
         return reply(
@@ -120,7 +149,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             "application/json",
-            json!({"error": format!("no admin endpoint at {path}; try /metrics or /health")})
+            json!({"error": format!("no admin endpoint at {path}; try /metrics, /health or /dlq")})
                 .to_string(),
         ),
     }
@@ -152,7 +181,7 @@ fn health(board: &HealthBoard) -> Response<Full<Bytes>> {
     )
 }
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+pub(crate) fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = content_type.parse() {
