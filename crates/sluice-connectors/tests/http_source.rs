@@ -225,7 +225,7 @@ async fn flow_failures_become_problem_json_by_kind() {
         (ErrorKind::Rejected, 422),
         (ErrorKind::Timeout, 504),
         (ErrorKind::Remote, 502),
-        (ErrorKind::Unavailable, 502),
+        (ErrorKind::Unavailable, 503),
         (ErrorKind::Expression, 500),
         (ErrorKind::Io, 500),
         (ErrorKind::Internal, 500),
@@ -252,6 +252,8 @@ async fn flow_failures_become_problem_json_by_kind() {
         assert_eq!(p["kind"], kind.as_str());
         assert_eq!(p["step"], "validate");
         assert_eq!(p["detail"], "it broke");
+        let retry_after = if status == 503 { Some("1") } else { None };
+        assert_eq!(resp.header("retry-after"), retry_after, "{kind}");
         assert!(p["type"].as_str().unwrap().ends_with(kind.as_str()));
         assert!(p["title"].is_string());
         let last = dispatch.seen().pop().unwrap();

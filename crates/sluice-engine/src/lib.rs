@@ -13,6 +13,8 @@ pub mod channel;
 pub mod config;
 pub mod docs;
 pub mod durable;
+pub mod durable_channel;
+pub mod envelope;
 pub mod expr;
 pub mod flow;
 pub mod metrics;
