@@ -152,6 +152,46 @@ async fn in_only_answers_202_and_the_message_arrives() {
 }
 
 #[tokio::test]
+async fn in_only_on_commit_answers_202_after_the_flow_and_failures_with_a_problem() {
+    let res = resources();
+    let committed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&committed);
+    let dispatch = TestDispatch::new(move |m: Message| {
+        let flag = Arc::clone(&flag);
+        async move {
+            if m.body.as_bytes().as_ref() == b"full" {
+                let error = ProcessError::new(ErrorKind::Unavailable, "the disk is full");
+                return Err(Failure::new(m, error));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            m.ack();
+            Ok(vec![])
+        }
+    });
+    let run = start(
+        json!({"path": "/hook", "pattern": "in_only", "accept": "on_commit"}),
+        dispatch.clone(),
+        &res,
+        "hooks",
+    )
+    .await;
+    let resp = request(run.addr, "POST", "/hook", &[], b"ping").await;
+    assert_eq!(resp.status, 202);
+    assert!(
+        committed.load(std::sync::atomic::Ordering::SeqCst),
+        "202 before the flow committed"
+    );
+    assert_eq!(resp.json()["id"], dispatch.seen()[0].id().to_string());
+    let full = request(run.addr, "POST", "/hook", &[], b"full").await;
+    assert_eq!(full.status, 503);
+    assert_eq!(full.header("retry-after"), Some("1"));
+    assert_eq!(full.json()["detail"], "the disk is full");
+    run.shutdown.cancel();
+    run.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn unknown_path_is_404_and_wrong_method_is_405_with_allow() {
     let res = resources();
     let run = start(

@@ -527,6 +527,37 @@ mod tests {
         assert_eq!(got[0].body.json().unwrap(), &json!({"a": 1}));
     }
 
+    #[tokio::test]
+    async fn a_send_by_name_to_a_durable_channel_is_stored() {
+        let resources = Resources::default();
+        resources
+            .get_or_default::<crate::durable::DurableStore>()
+            .use_memory();
+        let channels = resources.get_or_default::<Channels>();
+        let writer = durable_channel::sink(&resources, "audit").unwrap();
+        channels.declare_durable_reader("audit", writer);
+        let (token, ack) = AckToken::channel();
+        let msg = Message::json(json!({"a": 1})).with_ack(token);
+        let id = msg.id();
+        sender(&resources, "audit").deliver(&msg).await.unwrap();
+        msg.ack();
+        // The record now stands for the message: the sender's share is resolved at once.
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+        let store = resources
+            .get_or_default::<crate::durable::DurableStore>()
+            .store()
+            .unwrap();
+        let records = store
+            .queue("audit")
+            .lease(10, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(records.len(), 1);
+        let stored = crate::envelope::decode(&records[0].payload).unwrap();
+        assert_eq!(stored.id(), id);
+        assert_eq!(stored.body.json().unwrap(), &json!({"a": 1}));
+    }
+
     #[test]
     fn channels_named_by_steps_are_found_nested_too() {
         let sends = sent_to_by_step(
