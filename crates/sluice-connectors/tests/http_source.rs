@@ -152,6 +152,46 @@ async fn in_only_answers_202_and_the_message_arrives() {
 }
 
 #[tokio::test]
+async fn in_only_on_commit_answers_202_after_the_flow_and_failures_with_a_problem() {
+    let res = resources();
+    let committed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&committed);
+    let dispatch = TestDispatch::new(move |m: Message| {
+        let flag = Arc::clone(&flag);
+        async move {
+            if m.body.as_bytes().as_ref() == b"full" {
+                let error = ProcessError::new(ErrorKind::Unavailable, "the disk is full");
+                return Err(Failure::new(m, error));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            m.ack();
+            Ok(vec![])
+        }
+    });
+    let run = start(
+        json!({"path": "/hook", "pattern": "in_only", "accept": "on_commit"}),
+        dispatch.clone(),
+        &res,
+        "hooks",
+    )
+    .await;
+    let resp = request(run.addr, "POST", "/hook", &[], b"ping").await;
+    assert_eq!(resp.status, 202);
+    assert!(
+        committed.load(std::sync::atomic::Ordering::SeqCst),
+        "202 before the flow committed"
+    );
+    assert_eq!(resp.json()["id"], dispatch.seen()[0].id().to_string());
+    let full = request(run.addr, "POST", "/hook", &[], b"full").await;
+    assert_eq!(full.status, 503);
+    assert_eq!(full.header("retry-after"), Some("1"));
+    assert_eq!(full.json()["detail"], "the disk is full");
+    run.shutdown.cancel();
+    run.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn unknown_path_is_404_and_wrong_method_is_405_with_allow() {
     let res = resources();
     let run = start(
@@ -225,7 +265,7 @@ async fn flow_failures_become_problem_json_by_kind() {
         (ErrorKind::Rejected, 422),
         (ErrorKind::Timeout, 504),
         (ErrorKind::Remote, 502),
-        (ErrorKind::Unavailable, 502),
+        (ErrorKind::Unavailable, 503),
         (ErrorKind::Expression, 500),
         (ErrorKind::Io, 500),
         (ErrorKind::Internal, 500),
@@ -252,6 +292,8 @@ async fn flow_failures_become_problem_json_by_kind() {
         assert_eq!(p["kind"], kind.as_str());
         assert_eq!(p["step"], "validate");
         assert_eq!(p["detail"], "it broke");
+        let retry_after = if status == 503 { Some("1") } else { None };
+        assert_eq!(resp.header("retry-after"), retry_after, "{kind}");
         assert!(p["type"].as_str().unwrap().ends_with(kind.as_str()));
         assert!(p["title"].is_string());
         let last = dispatch.seen().pop().unwrap();

@@ -212,6 +212,14 @@ impl Message {
         self.id
     }
 
+    /// Gives the message an existing id, builder style: for a message restored from storage (a
+    /// durable channel), which keeps the id it had when it was written.
+    #[must_use]
+    pub fn with_id(mut self, id: Uuid) -> Self {
+        self.id = id;
+        self
+    }
+
     /// Sets a header, builder style.
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {

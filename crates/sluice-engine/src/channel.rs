@@ -4,7 +4,8 @@
 //! The message crossing a channel keeps its acknowledgement shares, so the first flow's source is
 //! acknowledged only when the second flow has finished with the message. A channel is bounded: a
 //! full channel makes the writing flow wait (backpressure), it never drops. Messages still queued
-//! at shutdown are nacked to their sources. Durable channels come with the store.
+//! at shutdown are nacked to their sources. With `durable: true` on both ends the channel keeps
+//! its messages in the process's store instead ([`crate::durable_channel`]).
 //!
 //! A channel is known to have a reader once a flow with `from: {channel: name}` has been built;
 //! a message sent to a channel no flow reads fails at once with `unavailable` naming the channel,
@@ -13,10 +14,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
+use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
     BuildContext, BuildError, Dispatch, ErrorKind, Message, ProcessError, Registry, Sink, Source,
@@ -25,6 +28,7 @@ use sluice_core::{
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::build::Captured;
+use crate::durable_channel;
 
 /// The component name, as a source and as a sink.
 pub const NAME: &str = "channel";
@@ -37,6 +41,14 @@ pub fn channel_name(config: &Value) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned()
+}
+
+/// Whether a validated `channel` configuration asks for a durable channel.
+pub fn is_durable(config: &Value) -> bool {
+    config
+        .get("durable")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
 }
 
 /// The channels a step sends to, as far as its configuration says.
@@ -112,33 +124,72 @@ fn name_field() -> FieldSpec {
     .required()
 }
 
+fn durable_field(doc: &'static str) -> FieldSpec {
+    FieldSpec::new("durable", FieldType::Bool, doc).default_value(false)
+}
+
 fn source_spec() -> ComponentSpec {
-    ComponentSpec::new(NAME, ComponentKind::Source, "Receive messages that another flow sends to a named in-memory channel")
+    ComponentSpec::new(NAME, ComponentKind::Source, "Receive messages that another flow sends to a named channel, in memory or durable")
         .description(
-            "Point-to-point channel between two flows in one process. Delivery: at-least-once for \
-             the upstream source: a message is acknowledged upstream only after this flow has finished \
-             with it. In memory only: a message in a channel when the process dies is redelivered by \
-             the upstream source if that source can (a broker), and lost if it cannot (an HTTP \
-             InOnly request). Messages are processed in order when `concurrency` is 1.",
+            "Point-to-point channel between two flows in one process. Messages are processed in \
+             order when `concurrency` is 1.\n\n\
+             **In memory** (the default). Delivery: at-least-once for the upstream source: a message \
+             is acknowledged upstream only after this flow has finished with it. A message in a \
+             channel when the process dies is redelivered by the upstream source if that source can \
+             (a broker), and lost if it cannot (an HTTP InOnly request).\n\n\
+             **Durable** (`durable: true`, on both ends). The writing flow's source is acknowledged \
+             once the message is on disk; this flow reads it from there, and its record is deleted \
+             only when this flow acknowledges it (every target committed, or the failure was handled \
+             by `on_error` or `dead_letter`). Delivery: at-least-once, across restarts and crashes; \
+             effectively-once when the flow starts with an `idempotent_consumer` keyed on the message. \
+             Every message carries `sluice.delivery.count` (1 on first delivery) and \
+             `sluice.redelivered` (`true` or `false`). A message that fails is delivered again after \
+             `redelivery_delay`, doubled for each further delivery (at most 5 minutes), so under \
+             failures a later message can overtake it. A message whose delivery number \
+             `max_deliveries` fails as well, or that reaches a delivery beyond it (the process died \
+             while handling it each time), is moved to the dead letters (`sluice dlq`) with the \
+             error and removed from the channel. A record that cannot be read back (damaged, or \
+             written by a newer Sluice) is moved there too, and the next records go on. A message \
+             still being handled after `visibility_timeout` is handed out again, so set it above \
+             the flow's longest processing time. At shutdown the messages in flight may finish \
+             within the grace period; the others are delivered again after the next start. \
+             `capacity` does not apply: the disk holds the messages.",
         )
         .field(name_field())
-        .field(FieldSpec::new("capacity", FieldType::Integer { min: Some(1), max: Some(1_000_000) }, "messages the channel holds before writers wait").default_value(DEFAULT_CAPACITY as i64))
+        .field(durable_field("keep the channel's messages on disk, in the store of the data directory (`sluice run --data`); the writing flow's `channel` target must say the same"))
+        .field(FieldSpec::new("capacity", FieldType::Integer { min: Some(1), max: Some(1_000_000) }, "in memory: messages the channel holds before writers wait").default_value(DEFAULT_CAPACITY as i64))
         .field(FieldSpec::new("concurrency", FieldType::Integer { min: Some(1), max: Some(10_000) }, "messages this flow processes at once; 1 keeps channel order").default_value(1))
+        .field(FieldSpec::new("visibility_timeout", FieldType::Duration, "durable: how long a message being handled stays hidden before it is handed out again").default_value("30s"))
+        .field(FieldSpec::new("max_deliveries", FieldType::Integer { min: Some(1), max: Some(1_000_000) }, "durable: deliveries of a failing message before it is moved to the dead letters").default_value(10))
+        .field(FieldSpec::new("redelivery_delay", FieldType::Duration, "durable: wait before a failed message is delivered again; doubles with each further delivery, at most 5 minutes").default_value("1s"))
+        .field(FieldSpec::new("poll_interval", FieldType::Duration, "durable: longest wait between two looks at an empty channel (a write in this process wakes the reader at once)").default_value("1s"))
         .shorthand("name")
         .example("Read the `orders` channel", "orders")
         .example("Process up to 8 messages at once", "name: orders\nconcurrency: 8")
+        .example(
+            "Read a durable channel, giving up on a message after 5 deliveries",
+            "name: orders\ndurable: true\nmax_deliveries: 5\nvisibility_timeout: 1m",
+        )
 }
 
 fn sink_spec() -> ComponentSpec {
-    ComponentSpec::new(NAME, ComponentKind::Sink, "Send messages to the flow that reads a named in-memory channel")
+    ComponentSpec::new(NAME, ComponentKind::Sink, "Send messages to the flow that reads a named channel, in memory or durable")
         .description(
-            "Hands the message, with its acknowledgement, to the flow reading the channel. Waits \
-             while the channel is full (backpressure). Fails with `unavailable` when the reading flow \
-             has stopped.",
+            "In memory: hands the message, with its acknowledgement, to the flow reading the \
+             channel. Waits while the channel is full (backpressure). Fails with `unavailable` when \
+             the reading flow has stopped.\n\n\
+             Durable (`durable: true`, like the reading flow's source): writes the message to disk \
+             and returns once the write is committed (fsync; concurrent writes share one commit), so \
+             this flow's source is acknowledged only after the message is on disk (an HTTP InOnly \
+             request is answered 202 only then). Delivery: at-least-once. A write that fails is \
+             `unavailable`, a full disk saying so (an HTTP source answers 503 with `Retry-After`); \
+             a message larger than a record allows is `invalid_input`.",
         )
         .field(name_field())
+        .field(durable_field("write to disk, in the store of the data directory (`sluice run --data`), and return once committed; the reading flow's `channel` source must say the same"))
         .shorthand("name")
         .example("Send to the `orders` channel", "orders")
+        .example("Send to a durable channel", "name: orders\ndurable: true")
 }
 
 type Queue = (mpsc::Sender<Message>, Option<mpsc::Receiver<Message>>);
@@ -154,6 +205,8 @@ pub struct Channels {
     readers: Mutex<HashSet<String>>,
     /// The flow behind each channel whose source is running, for `call` (request-reply).
     serving: Mutex<HashMap<String, Arc<dyn Dispatch>>>,
+    /// Writers of the durable channels that have a reader, for sends by name at run time.
+    durable: Mutex<HashMap<String, Arc<dyn Sink>>>,
     capture: OnceLock<Captured>,
 }
 
@@ -167,6 +220,21 @@ impl Channels {
         if let Ok(mut readers) = self.readers.lock() {
             readers.insert(name.to_owned());
         }
+    }
+
+    /// Declares that a flow reads durable channel `name`; `writer` appends to it, for steps that
+    /// send to the channel by name (a wire tap, a recipient list).
+    pub fn declare_durable_reader(&self, name: &str, writer: Arc<dyn Sink>) {
+        if let Ok(mut durable) = self.durable.lock() {
+            durable.insert(name.to_owned(), writer);
+        }
+        if let Ok(mut readers) = self.readers.lock() {
+            readers.insert(name.to_owned());
+        }
+    }
+
+    fn durable_writer(&self, name: &str) -> Option<Arc<dyn Sink>> {
+        self.durable.lock().ok()?.get(name).cloned()
     }
 
     /// Whether a flow reading channel `name` has been built.
@@ -228,22 +296,66 @@ impl Channels {
 #[serde(deny_unknown_fields)]
 struct SourceConfig {
     name: String,
+    #[serde(default)]
+    durable: bool,
+    #[serde(default = "default_capacity")]
     capacity: usize,
+    #[serde(default = "one")]
     concurrency: usize,
+    #[serde(default = "thirty_seconds")]
+    visibility_timeout: HumanDuration,
+    #[serde(default = "ten")]
+    max_deliveries: u32,
+    #[serde(default = "one_second")]
+    redelivery_delay: HumanDuration,
+    #[serde(default = "one_second")]
+    poll_interval: HumanDuration,
+}
+
+// The defaults repeat the spec's, for configurations that did not go through validation (tests).
+fn default_capacity() -> usize {
+    DEFAULT_CAPACITY
+}
+fn one() -> usize {
+    1
+}
+fn ten() -> u32 {
+    10
+}
+fn one_second() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn thirty_seconds() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkConfig {
     name: String,
+    #[serde(default)]
+    durable: bool,
 }
 
 fn build_source(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
     let config: SourceConfig =
         serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
-    ctx.resources
-        .get_or_default::<Channels>()
-        .declare_reader(&config.name, config.capacity);
+    let channels = ctx.resources.get_or_default::<Channels>();
+    if config.durable {
+        let options = durable_channel::ReaderOptions {
+            concurrency: config.concurrency,
+            visibility_timeout: config.visibility_timeout.0,
+            max_deliveries: config.max_deliveries,
+            redelivery_delay: config.redelivery_delay.0,
+            poll_interval: config.poll_interval.0,
+        };
+        let source = durable_channel::source(ctx.resources, &config.name, options)?;
+        // Steps that pick channels at run time (a recipient list) reach it through the registry.
+        let writer = durable_channel::sink(ctx.resources, &config.name)?;
+        channels.declare_durable_reader(&config.name, writer);
+        return Ok(source);
+    }
+    channels.declare_reader(&config.name, config.capacity);
     Ok(Box::new(ChannelSource {
         name: config.name,
         concurrency: config.concurrency,
@@ -253,6 +365,9 @@ fn build_source(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source
 fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
     let config: SinkConfig =
         serde_json::from_value(config.clone()).map_err(|e| BuildError::new(e.to_string()))?;
+    if config.durable {
+        return durable_channel::sink(ctx.resources, &config.name);
+    }
     Ok(Arc::new(ChannelSink {
         name: config.name,
         channels: ctx.resources.get_or_default::<Channels>(),
@@ -295,6 +410,9 @@ impl Sink for ChannelSink {
             }
             captured.push(&format!("{CAPTURE_PREFIX}{}", self.name), copy);
             return Ok(());
+        }
+        if let Some(writer) = self.channels.durable_writer(&self.name) {
+            return writer.deliver(msg).await;
         }
         let unavailable = || {
             ProcessError::new(
@@ -407,6 +525,37 @@ mod tests {
         assert_eq!(ack.await.unwrap(), Outcome::Ack);
         let got = captured.take("channel:audit");
         assert_eq!(got[0].body.json().unwrap(), &json!({"a": 1}));
+    }
+
+    #[tokio::test]
+    async fn a_send_by_name_to_a_durable_channel_is_stored() {
+        let resources = Resources::default();
+        resources
+            .get_or_default::<crate::durable::DurableStore>()
+            .use_memory();
+        let channels = resources.get_or_default::<Channels>();
+        let writer = durable_channel::sink(&resources, "audit").unwrap();
+        channels.declare_durable_reader("audit", writer);
+        let (token, ack) = AckToken::channel();
+        let msg = Message::json(json!({"a": 1})).with_ack(token);
+        let id = msg.id();
+        sender(&resources, "audit").deliver(&msg).await.unwrap();
+        msg.ack();
+        // The record now stands for the message: the sender's share is resolved at once.
+        assert_eq!(ack.await.unwrap(), Outcome::Ack);
+        let store = resources
+            .get_or_default::<crate::durable::DurableStore>()
+            .store()
+            .unwrap();
+        let records = store
+            .queue("audit")
+            .lease(10, std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(records.len(), 1);
+        let stored = crate::envelope::decode(&records[0].payload).unwrap();
+        assert_eq!(stored.id(), id);
+        assert_eq!(stored.body.json().unwrap(), &json!({"a": 1}));
     }
 
     #[test]

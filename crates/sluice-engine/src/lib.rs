@@ -14,6 +14,8 @@ pub mod config;
 pub mod dead_letter_store;
 pub mod docs;
 pub mod durable;
+pub mod durable_channel;
+pub mod envelope;
 pub mod expr;
 pub mod flow;
 pub mod metrics;

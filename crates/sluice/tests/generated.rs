@@ -88,10 +88,17 @@ fn every_spec_example_validates() {
             let entry = format!("{}:\n{}", spec.name, indent(example.yaml.trim_end(), 2));
             let mut yaml = flow_using(spec.kind, &entry);
             // A channel needs both ends: add the missing one, named as in the examples.
+            // Both ends agree on durability.
             if spec.name == "channel" {
-                yaml.push_str("  - name: other\n    from: { channel: orders }\n");
+                let other = if example.yaml.contains("durable: true") {
+                    "{ channel: { name: orders, durable: true } }"
+                } else {
+                    "{ channel: orders }"
+                };
                 if spec.kind == sluice_core::spec::ComponentKind::Source {
-                    yaml = yaml.replace("  - name: other\n    from: { channel: orders }\n", "  - name: other\n    from: { timer: { interval: 1s } }\n    to: [ { channel: orders } ]\n");
+                    yaml.push_str(&format!("  - name: other\n    from: {{ timer: {{ interval: 1s }} }}\n    to: [ {other} ]\n"));
+                } else {
+                    yaml.push_str(&format!("  - name: other\n    from: {other}\n"));
                 }
             }
             // A step that sends to channels (a wire tap, a recipient list) needs their readers.

@@ -44,6 +44,8 @@ pub struct RouteConfig {
     pub methods: Vec<Method>,
     /// InOut waits for the flow; InOnly answers 202 at once.
     pub pattern: ExchangePattern,
+    /// InOnly: answer 202 only once the flow finished and every target committed.
+    pub wait_for_commit: bool,
     /// Largest accepted request body, in bytes.
     pub max_body: usize,
     /// Budget for one request: reading the body and running the flow.
@@ -449,6 +451,33 @@ async fn serve(server: Arc<Server>, listener: TcpListener) {
     }
 }
 
+/// 202 with the message id.
+fn accepted(id: &str) -> Response<FullBody> {
+    let body = serde_json::json!({ "id": id }).to_string();
+    let mut response = Response::new(FullBody::new(Bytes::from(body)));
+    *response.status_mut() = StatusCode::ACCEPTED;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// 504: the flow did not finish within the route's `timeout`.
+fn timed_out(timeout: Duration, id: String) -> Response<FullBody> {
+    let mut problem = Problem::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!(
+            "the flow did not answer within {}; raise `timeout` or make the flow faster",
+            sluice_core::duration::HumanDuration(timeout)
+        ),
+    );
+    problem.kind = Some("timeout".into());
+    problem.message_id = Some(id);
+    problem.into_response()
+}
+
 impl Route {
     async fn serve(
         self: &Arc<Self>,
@@ -503,6 +532,19 @@ impl Route {
         let msg = self.message(&parts, params, bytes);
         let id = msg.id().to_string();
         match cfg.pattern {
+            ExchangePattern::InOnly if cfg.wait_for_commit => {
+                match tokio::time::timeout_at(deadline, cfg.dispatcher.dispatch(msg)).await {
+                    Ok(Ok(_)) => accepted(&id),
+                    Ok(Err(failure)) => {
+                        tracing::debug!(flow = %cfg.flow, message_id = %id, error = %failure.error, "in_only request failed in its flow");
+                        let problem = Problem::from_error(&failure.error, &id);
+                        let reason = failure.error.to_string();
+                        failure.message.nack(&reason);
+                        problem.into_response()
+                    }
+                    Err(_) => timed_out(cfg.timeout, id),
+                }
+            }
             ExchangePattern::InOnly => {
                 let dispatcher = Arc::clone(&cfg.dispatcher);
                 let flow = Arc::clone(&cfg.flow);
@@ -519,14 +561,7 @@ impl Route {
                         failure.message.nack(&reason);
                     }
                 });
-                let body = serde_json::json!({ "id": id }).to_string();
-                let mut response = Response::new(FullBody::new(Bytes::from(body)));
-                *response.status_mut() = StatusCode::ACCEPTED;
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                response
+                accepted(&id)
             }
             ExchangePattern::InOut => {
                 match tokio::time::timeout_at(deadline, cfg.dispatcher.dispatch(msg)).await {
@@ -538,19 +573,7 @@ impl Route {
                         failure.message.nack(&reason);
                         problem.into_response()
                     }
-                    Err(_) => {
-                        let mut problem = Problem::new(
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "timeout",
-                            format!(
-                                "the flow did not answer within {}; raise `timeout` or make the flow faster",
-                                sluice_core::duration::HumanDuration(cfg.timeout)
-                            ),
-                        );
-                        problem.kind = Some("timeout".into());
-                        problem.message_id = Some(id);
-                        problem.into_response()
-                    }
+                    Err(_) => timed_out(cfg.timeout, id),
                 }
             }
         }

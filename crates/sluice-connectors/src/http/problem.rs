@@ -75,6 +75,12 @@ impl Problem {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Backpressure (a full disk, an open circuit): worth retrying, a little later.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -85,7 +91,8 @@ pub fn status_for(kind: ErrorKind) -> StatusCode {
         ErrorKind::InvalidInput => StatusCode::BAD_REQUEST,
         ErrorKind::Rejected => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorKind::Remote | ErrorKind::Unavailable => StatusCode::BAD_GATEWAY,
+        ErrorKind::Remote => StatusCode::BAD_GATEWAY,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Expression | ErrorKind::Io | ErrorKind::Internal => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -103,7 +110,7 @@ mod tests {
             (ErrorKind::Rejected, 422),
             (ErrorKind::Timeout, 504),
             (ErrorKind::Remote, 502),
-            (ErrorKind::Unavailable, 502),
+            (ErrorKind::Unavailable, 503),
             (ErrorKind::Expression, 500),
             (ErrorKind::Io, 500),
             (ErrorKind::Internal, 500),

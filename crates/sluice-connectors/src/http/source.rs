@@ -30,12 +30,16 @@ answers with its body, the status in its `http.status` header (default 200), eve
 body is JSON, else `application/octet-stream`); several replies answer a JSON array of their \
 bodies. A failed flow answers an RFC 9457 `application/problem+json` document with `type`, \
 `title`, `status`, `detail`, `step`, `kind` and `message_id`; the status follows the error kind: \
-invalid_input 400, rejected 422, timeout 504, remote and unavailable 502, others 500. A flow that \
-does not finish within `timeout` answers 504.
+invalid_input 400, rejected 422, timeout 504, remote 502, unavailable 503 (with `Retry-After: 1`: \
+a full disk under a durable channel, a circuit open), others 500. A flow that does not finish \
+within `timeout` answers 504.
 
 **in_only** (fire and forget): answers 202 with `{\"id\": \"<message id>\"}` as soon as the body is \
 read, then runs the flow. Delivery is **at-most-once**: a crash after the 202 loses the message, \
-and the client is not told about failures (they are logged). Use in_out when the caller must know.
+and the client is not told about failures (they are logged). Use in_out when the caller must know, \
+or `accept: on_commit`: the 202 then comes once the flow has finished and every target committed \
+(with a durable channel target: once the message is on disk), and a failure answers the problem \
+document as in_out does. Delivery is then **at-least-once**: without a 202 the caller retries.
 
 **Delivery guarantee.** in_out is at-least-once from the caller's point of view: a 2xx answer means \
 every target committed; on any other answer the caller should retry.
@@ -71,6 +75,10 @@ pub fn spec() -> ComponentSpec {
             .default_value("in_out"),
     )
     .field(
+        FieldSpec::new("accept", FieldType::Enum(vec!["on_receipt", "on_commit"]), "For `in_only`: when to answer 202. `on_receipt` as soon as the body is read (at-most-once); `on_commit` once every target committed, e.g. a durable channel wrote the message to disk (at-least-once), failures answering a problem document.")
+            .default_value("on_receipt"),
+    )
+    .field(
         FieldSpec::new("max_body", FieldType::ByteSize, "Largest request body accepted; larger requests get 413.")
             .default_value("1MiB"),
     )
@@ -81,6 +89,10 @@ pub fn spec() -> ComponentSpec {
     .example(
         "Order lookup by id, answered by the flow",
         "listen: 127.0.0.1:8080\npath: /orders/{id}\nmethods: [GET]\n",
+    )
+    .example(
+        "Webhook receiver that answers 202 once the message is committed",
+        "path: /hooks/orders\npattern: in_only\naccept: on_commit\n",
     )
     .example(
         "Webhook receiver that answers 202 at once",
@@ -98,6 +110,17 @@ pub enum Pattern {
     InOnly,
 }
 
+/// When an in_only request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accept {
+    /// As soon as the body is read.
+    #[default]
+    OnReceipt,
+    /// Once the flow finished and every target committed.
+    OnCommit,
+}
+
 /// Configuration of the `http` source.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -113,6 +136,9 @@ pub struct HttpSourceConfig {
     /// Exchange pattern.
     #[serde(default = "default_pattern")]
     pub pattern: Pattern,
+    /// When an in_only request is answered.
+    #[serde(default)]
+    pub accept: Accept,
     /// Body limit.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
@@ -205,6 +231,7 @@ impl Source for HttpSource {
                 Pattern::InOut => ExchangePattern::InOut,
                 Pattern::InOnly => ExchangePattern::InOnly,
             },
+            wait_for_commit: config.accept == Accept::OnCommit,
             max_body: config.max_body.as_usize(),
             timeout: config.timeout.0,
             dispatcher: Arc::clone(&ctx.dispatcher),

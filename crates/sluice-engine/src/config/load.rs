@@ -954,6 +954,38 @@ fn check_project(project: &Project, out: &mut Vec<Diagnostic>) {
             ));
         }
     }
+    // A durable channel is durable at both ends: a target that disagrees with the reading flow's
+    // source would keep messages in memory that the reader expects on disk, or the other way round.
+    for (name, list) in &writers {
+        let Some(reader) = readers.get(name).and_then(|r| r.first()) else {
+            continue;
+        };
+        let read_durable = crate::channel::is_durable(&reader.from.config);
+        for (flow, target) in list {
+            if target.component != crate::channel::NAME
+                || crate::channel::is_durable(&target.config) == read_durable
+            {
+                continue;
+            }
+            let (this_end, other_end) = if read_durable {
+                ("in memory", "durable")
+            } else {
+                ("durable", "in memory")
+            };
+            out.push(diag(
+                &flow.file,
+                target.loc,
+                target.path.clone(),
+                format!(
+                    "channel `{name}` is {this_end} here but {other_end} where flow `{}` reads it ({}:{})",
+                    reader.name, reader.file, reader.from.loc.line
+                ),
+                Some(format!(
+                    "set `durable: {read_durable}` on both ends of the channel"
+                )),
+            ));
+        }
+    }
     for (name, list) in &writers {
         if !readers.contains_key(name) {
             for (flow, target) in list {
