@@ -15,7 +15,8 @@ use sluice_engine::{build, config, docs, runtime::Runtime, testing};
 
 /// mimalloc instead of the system allocator: a message's life is many small allocations (JSON
 /// values, headers, jq values) freed soon after on another worker thread, where glibc's malloc
-/// spent about a quarter of the CPU time of the W1 benchmark (docs/benchmarks.md).
+/// spent about a quarter of the CPU time of the W1 benchmark (docs/benchmarks.md). Built with
+/// `no_thp`: transparent huge pages made an idle process 9 MB larger for no measurable gain.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
