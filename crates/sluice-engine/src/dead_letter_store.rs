@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::base64::encode as encode_base64;
 use async_trait::async_trait;
-use base64_free::encode_base64;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use sluice_core::spec::{ComponentKind, ComponentSpec};
@@ -251,32 +251,6 @@ pub fn replay_message(letter: &DeadLetter) -> Message {
     msg.headers
         .insert(REPLAYED_FROM.to_owned(), letter.id.to_string());
     msg
-}
-
-mod base64_free {
-    //! Standard base64 (RFC 4648, padded), small enough not to need a dependency.
-
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn encode_base64(bytes: &[u8]) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
 }
 
 #[cfg(test)]

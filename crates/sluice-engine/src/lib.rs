@@ -8,6 +8,7 @@
 //! wait for; `durable` the process's store and `dead_letter_store` the sink keeping dead letters in it; `metrics` counts what flows and circuit breakers do and renders it for Prometheus.
 
 pub mod background;
+mod base64;
 pub mod build;
 pub mod channel;
 pub mod config;

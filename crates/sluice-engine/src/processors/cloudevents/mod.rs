@@ -6,8 +6,6 @@
 //! of a binary-mode request. `direction: in` gets there from either mode; `direction: out` leaves
 //! for either.
 
-mod base64;
-
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,6 +18,7 @@ use sluice_core::{
 };
 
 use super::common;
+use crate::base64;
 
 /// The content type of a structured-mode event.
 pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";

@@ -1,4 +1,5 @@
-//! Standard base64 (RFC 4648, with padding) for `data_base64`: small enough not to need a crate.
+//! Standard base64 (RFC 4648, with padding), for CloudEvents' `data_base64` and binary bodies in
+//! the dead-letter API: small enough not to need a crate.
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
