@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Benchmarks, one entry point:  bench/run.sh w1|w2|startup|all [harness options]
+# Benchmarks, one entry point:  bench/run.sh w1|w2|w3|startup|all [harness options]
 #   e.g. bench/run.sh w1 --rounds 5 --duration 15
 # Builds Sluice and the hand-written limit in release mode, installs Node-RED 4 and wrk when
 # missing, then runs bench/harness.py, which alternates the contenders and writes
 # bench/results/<workload>.md and .json. Loopback only. See docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-workload="${1:?usage: bench/run.sh w1|w2|startup|all [--rounds N] [--duration S] [--contenders a,b]}"
+workload="${1:?usage: bench/run.sh w1|w2|w3|startup|all [--rounds N] [--duration S] [--contenders a,b]}"
 shift
 
 if ! command -v wrk >/dev/null; then
@@ -22,7 +22,7 @@ cargo build --release --locked -p sluice
 (cd bench/limit && CARGO_TARGET_DIR=target cargo build --release --locked)
 
 if [ "$workload" = all ]; then
-  for w in w1 w2 startup; do python3 bench/harness.py "$w" "$@"; done
+  for w in w1 w2 w3 startup; do python3 bench/harness.py "$w" "$@"; done
 else
   python3 bench/harness.py "$workload" "$@"
 fi
