@@ -10,7 +10,7 @@
 //!
 //! Replay or lengthen a run with environment variables:
 //! `SLUICE_CHAOS_SEED` (printed as `chaos seed: N` at the start), `SLUICE_CHAOS_KILLS` (default
-//! 10) and `SLUICE_CHAOS_MESSAGES` (default 10,000), e.g.
+//! 10) and `SLUICE_CHAOS_MESSAGES` (default 1,000 per kill, at least 10,000), e.g.
 //! `SLUICE_CHAOS_KILLS=200 cargo test -p sluice --test chaos -- --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -57,10 +57,14 @@ impl Settings {
                     .unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}"))
             })
         };
+        let kills = number("SLUICE_CHAOS_KILLS").map_or(10, |k| k as usize);
         Settings {
             seed: number("SLUICE_CHAOS_SEED").unwrap_or_else(|| fastrand::u64(..)),
-            kills: number("SLUICE_CHAOS_KILLS").map_or(10, |k| k as usize),
-            messages: number("SLUICE_CHAOS_MESSAGES").map_or(10_000, |m| m as usize),
+            kills,
+            // About as many messages as are sent between two kills here, so that a longer run
+            // keeps killing a runtime under load rather than an idle one.
+            messages: number("SLUICE_CHAOS_MESSAGES")
+                .map_or(10_000.max(kills * 1_000), |m| m as usize),
         }
     }
 }
@@ -94,6 +98,8 @@ struct Runtime {
     log: PathBuf,
     port: u16,
     child: Option<Child>,
+    /// Longest time a start took until the runtime listened (recovery after a kill included).
+    slowest_start: Duration,
 }
 
 impl Runtime {
@@ -108,6 +114,7 @@ impl Runtime {
             .arg(&self.flow)
             .arg("--data")
             .arg(&self.data)
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -127,10 +134,12 @@ impl Runtime {
     /// Starts the runtime and waits until it listens; a process that exits before (say, it found
     /// the port still taken) is started again.
     fn start(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
+        let began = Instant::now();
+        let deadline = began + START_TIMEOUT;
         self.spawn();
         while Instant::now() < deadline {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.slowest_start = self.slowest_start.max(began.elapsed());
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -276,6 +285,7 @@ fn no_acknowledged_message_is_lost_when_the_runtime_is_killed_again_and_again() 
         log: dir.path().join("sluice.log"),
         port,
         child: None,
+        slowest_start: Duration::ZERO,
     };
     runtime.start();
 
@@ -297,6 +307,7 @@ fn no_acknowledged_message_is_lost_when_the_runtime_is_killed_again_and_again() 
         .collect();
 
     kill_repeatedly(&mut runtime, settings.kills, &mut rng);
+    let killing = started.elapsed();
     tokio.block_on(async {
         for producer in producers {
             producer.await.unwrap();
@@ -329,13 +340,16 @@ fn no_acknowledged_message_is_lost_when_the_runtime_is_killed_again_and_again() 
         .collect();
     println!(
         "chaos: kills={} messages={} acknowledged={acknowledged} lost={} duplicated={duplicated} \
-         unexpected={} torn={} retries={} sending={:.1}s elapsed={:.1}s seed={}",
+         unexpected={} torn={} retries={} slowest_start={}ms killing={:.1}s sending={:.1}s \
+         elapsed={:.1}s seed={}",
         settings.kills,
         settings.messages,
         lost.len(),
         unexpected.len(),
         recording.torn,
         sent.retries.load(Ordering::Relaxed),
+        runtime.slowest_start.as_millis(),
+        killing.as_secs_f64(),
         sending.as_secs_f64(),
         started.elapsed().as_secs_f64(),
         settings.seed,
