@@ -20,7 +20,7 @@ use sluice_engine::durable::DurableStore;
 use sluice_engine::runtime::Runtime;
 use sluice_engine::{build, config};
 use sluice_store::{Filter, Store, StoreOptions};
-use support::{free_port, request, write_flow};
+use support::{free_port, request, wait_for_port, write_flow};
 
 // A `record` target for these tests: keeps every message it is given under its `key`, then
 // succeeds, fails with `unavailable`, or never returns (`mode`).
@@ -97,16 +97,8 @@ async fn start(dir: &tempfile::TempDir, data: &Path, yaml: &str, port: u16) -> R
     let topology = build::build(&project, &registry, resources)
         .unwrap_or_else(|d| panic!("flows do not build:\n{d}"));
     let runtime = Runtime::start(topology);
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return runtime;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("nothing listens on 127.0.0.1:{port}");
+    wait_for_port(port).await;
+    runtime
 }
 
 /// Waits until `key` recorded `n` messages.

@@ -57,18 +57,23 @@ async fn start_with_resources(
         .unwrap_or_else(|d| panic!("flows do not build:\n{d}"));
     let runtime = Runtime::start(topology);
     if let Some(port) = port {
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return runtime;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("nothing listens on 127.0.0.1:{port}");
+        wait_for_port(port).await;
     }
     runtime
+}
+
+/// Waits (up to 2 s) until something accepts connections on loopback `port`.
+pub async fn wait_for_port(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("nothing listens on 127.0.0.1:{port}");
 }
 
 /// A response, read whole.
