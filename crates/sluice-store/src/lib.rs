@@ -80,5 +80,5 @@ pub use error::StoreError;
 pub use idempotent::{Claim, IdempotentKeys};
 pub use lock::LOCK_FILE;
 pub use queue::{Delivery, Queue};
-pub use store::{DATABASE_FILE, OpenReport, Store, StoreOptions};
+pub use store::{DATABASE_FILE, DEFAULT_CACHE_SIZE, OpenReport, Store, StoreOptions};
 pub use writer::GroupCommit;

@@ -24,13 +24,21 @@ pub struct StoreOptions {
     pub group_commit: GroupCommit,
     /// Where time comes from (visibility timeouts, expiries, timestamps).
     pub clock: Arc<dyn Clock>,
+    /// Memory redb may use to cache pages, in bytes. A queue reads what it wrote moments ago,
+    /// so a small cache serves it; redb's own default (1 GiB) would grow a process's memory by
+    /// hundreds of megabytes under load for little gain.
+    pub cache_size: usize,
 }
+
+/// The default [`StoreOptions::cache_size`]: 32 MiB.
+pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 
 impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             group_commit: GroupCommit::default(),
             clock: Arc::new(SystemClock),
+            cache_size: DEFAULT_CACHE_SIZE,
         }
     }
 }
@@ -72,7 +80,9 @@ impl Store {
     /// held when the store was last closed become visible again.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let lock = DirLock::acquire(dir)?;
-        let db = Database::builder().create(dir.join(DATABASE_FILE))?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_size)
+            .create(dir.join(DATABASE_FILE))?;
         Self::start(db, Some(lock), options)
     }
 
@@ -82,7 +92,9 @@ impl Store {
         backend: impl StorageBackend,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        let db = Database::builder().create_with_backend(backend)?;
+        let db = Database::builder()
+            .set_cache_size(options.cache_size)
+            .create_with_backend(backend)?;
         Self::start(db, None, options)
     }
 

@@ -26,6 +26,7 @@ fn options(clock: &Arc<ManualClock>) -> StoreOptions {
             max_batch: 1024,
         },
         clock: Arc::clone(clock) as _,
+        cache_size: crate::DEFAULT_CACHE_SIZE,
     }
 }
 

@@ -208,6 +208,7 @@ impl Harness {
                 max_batch: 64,
             },
             clock: Arc::clone(&self.clock) as _,
+            cache_size: crate::DEFAULT_CACHE_SIZE,
         };
         self.store = Some(Store::open_with_backend(self.disk.clone(), options).unwrap());
     }
