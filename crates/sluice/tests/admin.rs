@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::Arc;
 
-use support::{free_port, request, start, write_flow};
+use support::{free_port, request, serve_admin, start, write_flow};
 
 const FLOWS: &str = r#"
 flows:
@@ -41,14 +41,7 @@ async fn metrics_follow_flows_and_show_an_open_circuit() {
         &FLOWS.replace("PORT", &port.to_string()),
     );
     let runtime = start(&[flows], Some(port)).await;
-    let state = sluice::admin::AdminState::new(&runtime);
-    let admin = sluice::admin::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        state,
-        runtime.shutdown_token(),
-    )
-    .await
-    .unwrap();
+    let admin = serve_admin(&runtime).await;
     let metrics_url = format!("http://{admin}/metrics");
     let call = format!("http://127.0.0.1:{port}/call");
 
@@ -131,13 +124,7 @@ async fn a_flow_whose_source_failed_makes_health_503() {
         ),
     );
     let runtime = start(&[flows], None).await;
-    let admin = sluice::admin::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        sluice::admin::AdminState::new(&runtime),
-        runtime.shutdown_token(),
-    )
-    .await
-    .unwrap();
+    let admin = serve_admin(&runtime).await;
     let mut health = request("GET", &format!("http://{admin}/health"), "").await;
     for _ in 0..100 {
         if health.status == 503 {

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use support::{free_port, request, start_with_data, write_flow};
+use support::{free_port, request, serve_admin, start_with_data, write_flow};
 
 const FLOWS: &str = r#"
 flows:
@@ -79,13 +79,7 @@ async fn failed_messages_are_stored_browsed_and_replayed_once() {
             .replace("OUT", &out.display().to_string()),
     );
     let runtime = start_with_data(&[flows], Some(port), &data).await;
-    let admin = sluice::admin::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        sluice::admin::AdminState::new(&runtime),
-        runtime.shutdown_token(),
-    )
-    .await
-    .unwrap();
+    let admin = serve_admin(&runtime).await;
     let api = format!("http://{admin}");
     let orders = format!("http://127.0.0.1:{port}/orders");
 

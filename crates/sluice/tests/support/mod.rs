@@ -62,6 +62,17 @@ async fn start_with_resources(
     runtime
 }
 
+/// Serves the admin API of `runtime` on a free loopback port; returns its address.
+pub async fn serve_admin(runtime: &Runtime) -> std::net::SocketAddr {
+    sluice::admin::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        sluice::admin::AdminState::new(runtime),
+        runtime.shutdown_token(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Waits (up to 2 s) until something accepts connections on loopback `port`.
 pub async fn wait_for_port(port: u16) {
     for _ in 0..200 {
