@@ -7,6 +7,7 @@
 use sluice_core::Registry;
 
 pub mod config;
+pub mod reconnect;
 #[cfg(any(feature = "http", feature = "file"))]
 pub mod template;
 

@@ -12,6 +12,7 @@ pub mod bytesize;
 pub mod component;
 pub mod duration;
 pub mod error;
+pub mod health;
 pub mod message;
 pub mod registry;
 pub mod resources;
@@ -23,6 +24,7 @@ pub use component::{
     Admitted, BuildContext, Dispatch, Outputs, Processor, Sink, Source, SourceContext, StepBuilder,
 };
 pub use error::{BuildError, ErrorKind, Failure, ProcessError, SourceError};
+pub use health::{ComponentHealth, HealthHandle};
 pub use message::{Body, ExchangePattern, Headers, Message, Metadata};
 pub use registry::Registry;
 pub use resources::Resources;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sluice_core::{Dispatch, Resources, SourceContext};
+use sluice_core::{ComponentHealth, Dispatch, Resources, SourceContext};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +17,9 @@ use crate::flow::Flow;
 pub enum Health {
     /// Taking messages.
     Running,
+    /// Running, but a component cannot reach its service and keeps retrying: `component: reason`
+    /// for each, joined by `; `.
+    Unhealthy(String),
     /// Its source stopped with this error; other flows keep running.
     Failed(String),
     /// Its source finished (a timer with a count, a shutdown).
@@ -24,17 +27,43 @@ pub enum Health {
 }
 
 /// Every flow's health, shared with whoever reports it (the admin API).
-#[derive(Clone, Default)]
-pub struct HealthBoard(Arc<Mutex<BTreeMap<String, Health>>>);
+#[derive(Clone)]
+pub struct HealthBoard {
+    sources: Arc<Mutex<BTreeMap<String, Health>>>,
+    components: Arc<ComponentHealth>,
+}
 
 impl HealthBoard {
-    /// Each flow's health now, by flow name.
+    /// A board with no flows, reading component problems from `resources`.
+    pub fn new(resources: &Resources) -> Self {
+        HealthBoard {
+            sources: Arc::default(),
+            components: ComponentHealth::of(resources),
+        }
+    }
+
+    /// Each flow's health now, by flow name: a running flow whose components report problems is
+    /// [`Health::Unhealthy`].
     pub fn snapshot(&self) -> BTreeMap<String, Health> {
-        self.0.lock().map(|h| h.clone()).unwrap_or_default()
+        let mut flows = self.sources.lock().map(|h| h.clone()).unwrap_or_default();
+        for (flow, health) in flows.iter_mut() {
+            if *health != Health::Running {
+                continue;
+            }
+            let problems = self.components.problems(flow);
+            if !problems.is_empty() {
+                let reasons: Vec<String> = problems
+                    .into_iter()
+                    .map(|(component, reason)| format!("{component}: {reason}"))
+                    .collect();
+                *health = Health::Unhealthy(reasons.join("; "));
+            }
+        }
+        flows
     }
 
     fn set(&self, flow: &str, state: Health) {
-        if let Ok(mut h) = self.0.lock() {
+        if let Ok(mut h) = self.sources.lock() {
             h.insert(flow.to_owned(), state);
         }
     }
@@ -53,7 +82,7 @@ impl Runtime {
     /// Starts every source of `topology`. Must be called inside a tokio runtime.
     pub fn start(topology: Topology) -> Self {
         let shutdown = CancellationToken::new();
-        let health = HealthBoard::default();
+        let health = HealthBoard::new(&topology.resources);
         let mut tasks = JoinSet::new();
         for (flow_name, source) in topology.sources {
             let Some(flow) = topology.flows.get(flow_name.as_ref()) else {

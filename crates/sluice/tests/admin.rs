@@ -153,7 +153,7 @@ async fn a_taken_admin_address_is_a_clear_error() {
     let addr = taken.local_addr().unwrap();
     let state = sluice::admin::AdminState {
         resources: Arc::default(),
-        health: sluice_engine::runtime::HealthBoard::default(),
+        health: sluice_engine::runtime::HealthBoard::new(&sluice_core::Resources::default()),
         flows: Arc::default(),
     };
     let error = sluice::admin::serve(addr, state, tokio_util::sync::CancellationToken::new())

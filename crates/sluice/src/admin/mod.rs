@@ -1,7 +1,8 @@
 //! The admin HTTP API: what operators and monitoring ask a running Sluice.
 //!
 //! * `GET /metrics`: every counter in the Prometheus text format (flows, circuit breakers).
-//! * `GET /health`: each flow's health as JSON; 200 when no flow has failed, 503 otherwise, so a
+//! * `GET /health`: each flow's health as JSON; 200 when no flow has failed or is unhealthy (a
+//!   component that cannot reach its service), 503 otherwise, so a
 //!   load balancer or an orchestrator's probe can use it as is.
 //! * `/dlq`: the dead-letter store (`dlq.rs`): list, show, delete and replay letters.
 //!
@@ -157,7 +158,9 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
 
 fn health(board: &HealthBoard) -> Response<Full<Bytes>> {
     let flows = board.snapshot();
-    let failed = flows.values().any(|h| matches!(h, Health::Failed(_)));
+    let failed = flows
+        .values()
+        .any(|h| matches!(h, Health::Failed(_) | Health::Unhealthy(_)));
     let report: serde_json::Map<String, serde_json::Value> = flows
         .into_iter()
         .map(|(name, h)| {
@@ -165,6 +168,7 @@ fn health(board: &HealthBoard) -> Response<Full<Bytes>> {
                 Health::Running => json!({"state": "running"}),
                 Health::Stopped => json!({"state": "stopped"}),
                 Health::Failed(error) => json!({"state": "failed", "error": error}),
+                Health::Unhealthy(error) => json!({"state": "unhealthy", "error": error}),
             };
             (name, entry)
         })
