@@ -53,18 +53,17 @@ impl NatsKv {
         self.store
             .get_or_try_init(|| async {
                 let js = jetstream::new(self.client.get().await?);
-                match js.get_key_value(&self.options.bucket).await {
-                    Ok(store) => Ok(store),
-                    Err(_) => js
-                        .create_key_value(kv::Config {
-                            bucket: self.options.bucket.clone(),
-                            history: 1,
-                            max_age: self.options.max_age,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| self.error("creating the bucket", e)),
+                if let Ok(store) = js.get_key_value(&self.options.bucket).await {
+                    return Ok(store);
                 }
+                // The bucket's stream is made here rather than with `create_key_value`, which
+                // first reads the account's limits in a form older servers (2.9) do not send.
+                js.get_or_create_stream(bucket_stream(&self.options))
+                    .await
+                    .map_err(|e| self.error("creating the bucket", e))?;
+                js.get_key_value(&self.options.bucket)
+                    .await
+                    .map_err(|e| self.error("opening the bucket", e))
             })
             .await
     }
@@ -87,6 +86,22 @@ impl NatsKv {
             Some(e) => (None, Some(e.revision)),
             None => (None, None),
         })
+    }
+}
+
+/// The stream behind a KV bucket, as NATS KV lays it out (one value per key).
+fn bucket_stream(options: &KvOptions) -> jetstream::stream::Config {
+    jetstream::stream::Config {
+        name: format!("KV_{}", options.bucket),
+        subjects: vec![format!("$KV.{}.>", options.bucket)],
+        max_messages_per_subject: 1,
+        max_age: options.max_age,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
     }
 }
 
