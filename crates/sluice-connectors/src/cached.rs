@@ -16,7 +16,10 @@ pub fn encode_cached(value: &CachedValue) -> Vec<u8> {
 pub fn decode_cached(bytes: &[u8]) -> Option<CachedValue> {
     let split = bytes.iter().position(|b| *b == b'\n')?;
     let headers: Headers = serde_json::from_slice(&bytes[..split]).ok()?;
-    Some(CachedValue { headers, body: Body::from_bytes(Bytes::copy_from_slice(&bytes[split + 1..])) })
+    Some(CachedValue {
+        headers,
+        body: Body::from_bytes(Bytes::copy_from_slice(&bytes[split + 1..])),
+    })
 }
 
 #[cfg(test)]
@@ -27,7 +30,10 @@ mod tests {
     fn cached_values_round_trip() {
         let mut headers = Headers::new();
         headers.insert("content-type".into(), "application/json".into());
-        let value = CachedValue { headers, body: Body::from_bytes(&b"{\"a\":\n1}"[..]) };
+        let value = CachedValue {
+            headers,
+            body: Body::from_bytes(&b"{\"a\":\n1}"[..]),
+        };
         assert_eq!(decode_cached(&encode_cached(&value)), Some(value));
         assert_eq!(decode_cached(b"no newline"), None);
     }

@@ -10,7 +10,12 @@ use sluice_core::Registry;
 pub mod cached;
 pub mod config;
 pub mod reconnect;
-#[cfg(any(feature = "http", feature = "file", feature = "nats", feature = "redis"))]
+#[cfg(any(
+    feature = "http",
+    feature = "file",
+    feature = "nats",
+    feature = "redis"
+))]
 pub mod template;
 
 #[cfg(feature = "file")]
@@ -54,7 +59,10 @@ pub fn register_all(registry: &mut Registry) {
         registry.source(nats::core::source_spec(), nats::core::build_source);
         registry.sink(nats::core::sink_spec(), nats::core::build_sink);
         registry.processor(nats::core::processor_spec(), nats::core::build_processor);
-        registry.source(nats::jetstream::source_spec(), nats::jetstream::build_source);
+        registry.source(
+            nats::jetstream::source_spec(),
+            nats::jetstream::build_source,
+        );
         registry.sink(nats::jetstream::sink_spec(), nats::jetstream::build_sink);
     }
     #[cfg(feature = "redis")]

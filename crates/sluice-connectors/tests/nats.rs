@@ -63,7 +63,12 @@ async fn core_publish_reaches_a_subscriber_with_headers_in_order() {
     let (ctx, shutdown) = source_ctx(dispatch.clone(), &res, "core");
     let task = tokio::spawn(source.run(ctx));
     // The subscription is made asynchronously: publish until the first message arrives.
-    let sink = build_sink("nats", json!({"subject": format!("{subject}.{{kind}}")}), &res).unwrap();
+    let sink = build_sink(
+        "nats",
+        json!({"subject": format!("{subject}.{{kind}}")}),
+        &res,
+    )
+    .unwrap();
     let probe = Message::bytes("probe").with_header("kind", "probe");
     for _ in 0..200 {
         sink.deliver(&probe).await.unwrap();
@@ -126,7 +131,8 @@ async fn request_reply_through_a_nats_source_and_the_nats_processor() {
     .unwrap();
     let (ctx, shutdown) = source_ctx(dispatch.clone(), &res, "rpc");
     let task = tokio::spawn(source.run(ctx));
-    let request = build_processor("nats", json!({"subject": subject, "timeout": "1s"}), &res).unwrap();
+    let request =
+        build_processor("nats", json!({"subject": subject, "timeout": "1s"}), &res).unwrap();
     let mut answer = None;
     for _ in 0..100 {
         match request
@@ -151,7 +157,10 @@ async fn request_reply_through_a_nats_source_and_the_nats_processor() {
     assert!(dispatch.seen()[0].headers.contains_key("nats.reply"));
 
     // A failed request is answered with the error instead of timing out.
-    let failed = request.process(Message::json(json!({"n": -1}))).await.unwrap();
+    let failed = request
+        .process(Message::json(json!({"n": -1})))
+        .await
+        .unwrap();
     assert_eq!(failed[0].headers["sluice.error.kind"], "remote");
     assert!(failed[0].body.to_text().contains("negative"));
 
@@ -218,20 +227,32 @@ async fn jetstream_round_trip_keeps_order_headers_and_ids_and_acks_after_commit(
         .map(|m| m.body.json().unwrap()["n"].as_i64().unwrap())
         .collect();
     assert_eq!(first, [0, 1, 2, 3, 4]);
-    let again: Vec<&Message> = seen.iter().filter(|m| m.headers["nats.delivered"] == "2").collect();
+    let again: Vec<&Message> = seen
+        .iter()
+        .filter(|m| m.headers["nats.delivered"] == "2")
+        .collect();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].body.json().unwrap()["n"], 2);
     for m in seen.iter().filter(|m| m.headers["nats.delivered"] == "1") {
         let n = m.body.json().unwrap()["n"].as_u64().unwrap() as usize;
-        assert_eq!(m.id(), sent[n].id(), "the message id travels as Nats-Msg-Id");
+        assert_eq!(
+            m.id(),
+            sent[n].id(),
+            "the message id travels as Nats-Msg-Id"
+        );
         assert_eq!(m.headers["trace-id"], format!("t{n}"));
         assert_eq!(m.headers["nats.stream"], stream);
         assert_eq!(m.headers["nats.sequence"], (n + 1).to_string());
     }
     // Everything was acknowledged: nothing pending on the consumer.
     let js = js_context().await;
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        js.get_stream(&stream).await.unwrap().get_consumer("c1").await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .get_consumer("c1")
+        .await
+        .unwrap();
     let mut pending = u64::MAX;
     for _ in 0..100 {
         let info = consumer.info().await.unwrap();
@@ -272,7 +293,12 @@ async fn jetstream_terminates_a_message_after_max_deliver_and_keeps_going() {
     let (ctx, shutdown) = source_ctx(dispatch.clone(), &res, "js");
     let task = tokio::spawn(source.run(ctx));
     eventually("3 deliveries of the poison message", || {
-        dispatch.seen().iter().filter(|m| m.body.json().unwrap()["n"] == 0).count() >= 3
+        dispatch
+            .seen()
+            .iter()
+            .filter(|m| m.body.json().unwrap()["n"] == 0)
+            .count()
+            >= 3
     })
     .await;
     // Terminated on the third: no fourth delivery even after the nak delays.
@@ -284,10 +310,20 @@ async fn jetstream_terminates_a_message_after_max_deliver_and_keeps_going() {
         .map(|m| m.headers["nats.delivered"].clone())
         .collect();
     assert_eq!(poison, ["1", "2", "3"]);
-    assert!(dispatch.seen().iter().any(|m| m.body.json().unwrap()["n"] == 1));
+    assert!(
+        dispatch
+            .seen()
+            .iter()
+            .any(|m| m.body.json().unwrap()["n"] == 1)
+    );
     let js = js_context().await;
-    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-        js.get_stream(&stream).await.unwrap().get_consumer("c1").await.unwrap();
+    let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream(&stream)
+        .await
+        .unwrap()
+        .get_consumer("c1")
+        .await
+        .unwrap();
     assert_eq!(consumer.info().await.unwrap().num_ack_pending, 0);
     shutdown.cancel();
     task.await.unwrap().unwrap();
@@ -311,7 +347,9 @@ async fn jetstream_sink_deduplicates_a_message_published_twice() {
     let msg = Message::json(json!({"once": true}));
     sink.deliver(&msg).await.unwrap();
     sink.deliver(&msg).await.unwrap();
-    sink.deliver(&Message::json(json!({"other": true}))).await.unwrap();
+    sink.deliver(&Message::json(json!({"other": true})))
+        .await
+        .unwrap();
     let js = js_context().await;
     let mut s = js.get_stream(&stream).await.unwrap();
     assert_eq!(s.info().await.unwrap().state.messages, 2);
@@ -351,7 +389,9 @@ async fn a_message_in_flight_at_shutdown_is_redelivered_to_the_next_run() {
     let task = tokio::spawn(source.run(ctx));
     eventually("the redelivery after ack_wait", || dispatch.count() >= 1).await;
     // At least the second delivery (the first run's pending pull may have taken one more).
-    let delivered: i64 = dispatch.seen()[0].headers["nats.delivered"].parse().unwrap();
+    let delivered: i64 = dispatch.seen()[0].headers["nats.delivered"]
+        .parse()
+        .unwrap();
     assert!(delivered >= 2, "delivered {delivered}");
     shutdown.cancel();
     task.await.unwrap().unwrap();
@@ -371,11 +411,22 @@ async fn an_unreachable_server_is_unhealthy_not_fatal() {
     let task = tokio::spawn(source.run(ctx));
     let board = ComponentHealth::of(&res);
     eventually("an unhealthy report", || !board.problems("down").is_empty()).await;
-    assert!(board.problems("down")[0].1.contains("NATS at nats://127.0.0.1:1"), "{:?}", board.problems("down"));
+    assert!(
+        board.problems("down")[0]
+            .1
+            .contains("NATS at nats://127.0.0.1:1"),
+        "{:?}",
+        board.problems("down")
+    );
     shutdown.cancel();
     task.await.unwrap().unwrap();
 
-    let sink = build_sink("nats", json!({"url": "nats://127.0.0.1:1", "subject": "x"}), &res).unwrap();
+    let sink = build_sink(
+        "nats",
+        json!({"url": "nats://127.0.0.1:1", "subject": "x"}),
+        &res,
+    )
+    .unwrap();
     let err = sink.deliver(&Message::bytes("x")).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable);
     assert!(!board.problems("test-flow").is_empty());
@@ -399,15 +450,26 @@ async fn kv_bucket_is_an_idempotency_repository_and_a_cache() {
     );
     let ttl = Duration::from_secs(30);
     assert_eq!(kv.try_claim("order 1", ttl).await.unwrap(), Claim::Claimed);
-    assert_eq!(kv.try_claim("order 1", ttl).await.unwrap(), Claim::Duplicate);
+    assert_eq!(
+        kv.try_claim("order 1", ttl).await.unwrap(),
+        Claim::Duplicate
+    );
     assert!(kv.contains("order 1").await.unwrap());
     kv.release("order 1").await.unwrap();
     assert!(!kv.contains("order 1").await.unwrap());
     assert_eq!(kv.try_claim("order 1", ttl).await.unwrap(), Claim::Claimed);
     kv.confirm("order 1", ttl).await.unwrap();
-    assert_eq!(kv.try_claim("order 1", ttl).await.unwrap(), Claim::Duplicate);
+    assert_eq!(
+        kv.try_claim("order 1", ttl).await.unwrap(),
+        Claim::Duplicate
+    );
     // An expired claim is free again.
-    assert_eq!(kv.try_claim("short", Duration::from_millis(50)).await.unwrap(), Claim::Claimed);
+    assert_eq!(
+        kv.try_claim("short", Duration::from_millis(50))
+            .await
+            .unwrap(),
+        Claim::Claimed
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!kv.contains("short").await.unwrap());
     assert_eq!(kv.try_claim("short", ttl).await.unwrap(), Claim::Claimed);
@@ -422,11 +484,19 @@ async fn kv_bucket_is_an_idempotency_repository_and_a_cache() {
 
     let mut headers = sluice_core::Headers::new();
     headers.insert("content-type".into(), "application/json".into());
-    let value = CachedValue { body: Body::from_bytes(&b"{\"price\":3}"[..]), headers };
+    let value = CachedValue {
+        body: Body::from_bytes(&b"{\"price\":3}"[..]),
+        headers,
+    };
     assert_eq!(CacheStore::get(&*kv, "sku-1").await.unwrap(), None);
     kv.put("sku-1", value.clone(), ttl).await.unwrap();
-    assert_eq!(CacheStore::get(&*kv, "sku-1").await.unwrap(), Some(value.clone()));
-    kv.put("gone", value, Duration::from_millis(20)).await.unwrap();
+    assert_eq!(
+        CacheStore::get(&*kv, "sku-1").await.unwrap(),
+        Some(value.clone())
+    );
+    kv.put("gone", value, Duration::from_millis(20))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(CacheStore::get(&*kv, "gone").await.unwrap(), None);
     js_context().await.delete_key_value(&bucket).await.unwrap();

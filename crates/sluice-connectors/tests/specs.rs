@@ -22,12 +22,29 @@ use sluice_core::spec::ComponentKind;
 #[test]
 fn every_component_is_registered() {
     let reg = registry();
-    assert_eq!(reg.names(ComponentKind::Source), ["file", "http", "timer"]);
-    assert_eq!(reg.names(ComponentKind::Processor), ["http"]);
-    assert_eq!(
-        reg.names(ComponentKind::Sink),
-        ["file", "http", "log", "stdout"]
+    let (mut sources, mut processors, mut sinks) = (
+        vec!["file", "http", "timer"],
+        vec!["http"],
+        vec!["file", "http", "log", "stdout"],
     );
+    #[cfg(feature = "nats")]
+    {
+        sources.extend(["jetstream", "nats"]);
+        processors.push("nats");
+        sinks.extend(["jetstream", "nats"]);
+    }
+    #[cfg(feature = "redis")]
+    {
+        sources.extend(["redis_list", "redis_pubsub", "redis_stream"]);
+        processors.push("redis");
+        sinks.extend(["redis_list", "redis_pubsub", "redis_stream"]);
+    }
+    for names in [&mut sources, &mut processors, &mut sinks] {
+        names.sort_unstable();
+    }
+    assert_eq!(reg.names(ComponentKind::Source), sources);
+    assert_eq!(reg.names(ComponentKind::Processor), processors);
+    assert_eq!(reg.names(ComponentKind::Sink), sinks);
 }
 
 #[tokio::test]
@@ -143,6 +160,42 @@ fn spec_fields_match_the_config_structs() {
         (ComponentKind::Sink, "log", json!({})),
         (ComponentKind::Sink, "stdout", json!({})),
     ];
+    #[allow(unused_mut)]
+    let mut samples = samples.to_vec();
+    #[cfg(feature = "nats")]
+    samples.extend([
+        (ComponentKind::Source, "nats", json!({"subject": "a"})),
+        (ComponentKind::Processor, "nats", json!({"subject": "a"})),
+        (ComponentKind::Sink, "nats", json!({"subject": "a"})),
+        (
+            ComponentKind::Source,
+            "jetstream",
+            json!({"stream": "S", "consumer": "c"}),
+        ),
+        (ComponentKind::Sink, "jetstream", json!({"subject": "a"})),
+    ]);
+    #[cfg(feature = "redis")]
+    samples.extend([
+        (
+            ComponentKind::Source,
+            "redis_stream",
+            json!({"stream": "s", "group": "g"}),
+        ),
+        (ComponentKind::Sink, "redis_stream", json!({"stream": "s"})),
+        (ComponentKind::Source, "redis_list", json!({"list": "q"})),
+        (ComponentKind::Sink, "redis_list", json!({"list": "q"})),
+        (
+            ComponentKind::Source,
+            "redis_pubsub",
+            json!({"channel": "c"}),
+        ),
+        (ComponentKind::Sink, "redis_pubsub", json!({"channel": "c"})),
+        (
+            ComponentKind::Processor,
+            "redis",
+            json!({"command": "get", "key": "k"}),
+        ),
+    ]);
     for (kind, name, required) in samples {
         let (spec, factory) = reg.get(kind, name).unwrap();
         let mut config = with_defaults(spec, &required);

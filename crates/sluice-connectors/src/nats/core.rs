@@ -11,15 +11,15 @@ use serde_json::Value;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    AckToken, BuildContext, BuildError, ErrorKind, ExchangePattern, Failure, HealthHandle,
-    Message, Outputs, ProcessError, Processor, Sink, Source, SourceContext, SourceError,
+    AckToken, BuildContext, BuildError, ErrorKind, ExchangePattern, Failure, HealthHandle, Message,
+    Outputs, ProcessError, Processor, Sink, Source, SourceContext, SourceError,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
-    LazyClient, REPLY_HEADER, SUBJECT_HEADER, check_subject, check_url, connect,
-    connection_fields, describe, headers_from_nats, headers_to_nats, unavailable,
+    LazyClient, REPLY_HEADER, SUBJECT_HEADER, check_subject, check_url, connect, connection_fields,
+    describe, headers_from_nats, headers_to_nats, unavailable,
 };
 use crate::reconnect::{self, Backoff};
 
@@ -53,11 +53,29 @@ pub fn source_spec() -> ComponentSpec {
         )
         .description(SOURCE_DESCRIPTION),
     )
-    .field(FieldSpec::new("subject", FieldType::String, "Subject to subscribe to; `*` matches one token, `>` the rest.").required())
-    .field(FieldSpec::new("queue_group", FieldType::String, "Queue group: each message goes to one subscriber of the group."))
     .field(
-        FieldSpec::new("concurrency", FieldType::Integer { min: Some(1), max: Some(65_536) }, "Messages processed at once.")
-            .default_value(64),
+        FieldSpec::new(
+            "subject",
+            FieldType::String,
+            "Subject to subscribe to; `*` matches one token, `>` the rest.",
+        )
+        .required(),
+    )
+    .field(FieldSpec::new(
+        "queue_group",
+        FieldType::String,
+        "Queue group: each message goes to one subscriber of the group.",
+    ))
+    .field(
+        FieldSpec::new(
+            "concurrency",
+            FieldType::Integer {
+                min: Some(1),
+                max: Some(65_536),
+            },
+            "Messages processed at once.",
+        )
+        .default_value(64),
     )
     .shorthand("subject")
     .example("Every order event", "subject: orders.>\n")
@@ -67,7 +85,7 @@ pub fn source_spec() -> ComponentSpec {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceConfig {
     #[serde(default = "default_url")]
@@ -93,12 +111,22 @@ struct NatsSource {
 }
 
 /// Builds the `nats` source.
-pub fn build_source(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
+pub fn build_source(
+    config: &Value,
+    _ctx: &BuildContext<'_>,
+) -> Result<Box<dyn Source>, BuildError> {
     let config: SourceConfig = crate::config::parse(config)?;
     check_url(&config.url)?;
     check_subject("subject", &config.subject, true)?;
-    if config.queue_group.as_deref().is_some_and(|g| g.is_empty() || g.contains(char::is_whitespace)) {
-        return Err(BuildError::field("queue_group", "must be a non-empty name without spaces"));
+    if config
+        .queue_group
+        .as_deref()
+        .is_some_and(|g| g.is_empty() || g.contains(char::is_whitespace))
+    {
+        return Err(BuildError::field(
+            "queue_group",
+            "must be a non-empty name without spaces",
+        ));
     }
     if config.concurrency == 0 {
         return Err(BuildError::field("concurrency", "must be at least 1"));
@@ -115,18 +143,23 @@ impl Source for NatsSource {
         let mut backoff = Backoff::default();
         // async-nats resubscribes after a reconnect by itself; only the first connection and
         // subscription are retried here.
-        let subscribed = reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || async {
-            let client = connect(&c.url, c.token.as_deref(), &ctx.flow, &health)
-                .await
+        let subscribed =
+            reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || async {
+                let client = connect(&c.url, c.token.as_deref(), &ctx.flow, &health)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let subscriber = match &c.queue_group {
+                    Some(group) => {
+                        client
+                            .queue_subscribe(c.subject.clone(), group.clone())
+                            .await
+                    }
+                    None => client.subscribe(c.subject.clone()).await,
+                }
                 .map_err(|e| e.to_string())?;
-            let subscriber = match &c.queue_group {
-                Some(group) => client.queue_subscribe(c.subject.clone(), group.clone()).await,
-                None => client.subscribe(c.subject.clone()).await,
-            }
-            .map_err(|e| e.to_string())?;
-            Ok::<_, String>((client, subscriber))
-        })
-        .await;
+                Ok::<_, String>((client, subscriber))
+            })
+            .await;
         let Some((client, mut subscriber)) = subscribed else {
             return Ok(());
         };
@@ -149,7 +182,8 @@ impl Source for NatsSource {
             };
             let mut msg = Message::bytes(incoming.payload.clone());
             headers_from_nats(incoming.headers.as_ref(), &mut msg.headers);
-            msg.headers.insert(SUBJECT_HEADER.to_owned(), incoming.subject.to_string());
+            msg.headers
+                .insert(SUBJECT_HEADER.to_owned(), incoming.subject.to_string());
             let reply_to = incoming.reply.as_ref().map(ToString::to_string);
             if let Some(reply) = &reply_to {
                 msg.headers.insert(REPLY_HEADER.to_owned(), reply.clone());
@@ -214,16 +248,30 @@ certificates.";
 /// The `nats` sink's spec.
 pub fn sink_spec() -> ComponentSpec {
     connection_fields(
-        ComponentSpec::new("nats", ComponentKind::Sink, "Publish messages to a NATS subject (core NATS)")
-            .description(SINK_DESCRIPTION),
+        ComponentSpec::new(
+            "nats",
+            ComponentKind::Sink,
+            "Publish messages to a NATS subject (core NATS)",
+        )
+        .description(SINK_DESCRIPTION),
     )
-    .field(FieldSpec::new("subject", FieldType::String, "Subject to publish to; `{header}` placeholders are filled from message headers.").required())
+    .field(
+        FieldSpec::new(
+            "subject",
+            FieldType::String,
+            "Subject to publish to; `{header}` placeholders are filled from message headers.",
+        )
+        .required(),
+    )
     .shorthand("subject")
     .example("Publish every order", "subject: orders.created\n")
-    .example("Subject from a header", "subject: \"events.{event-type}\"\nurl: nats://127.0.0.1:4222\n")
+    .example(
+        "Subject from a header",
+        "subject: \"events.{event-type}\"\nurl: nats://127.0.0.1:4222\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkConfig {
     #[serde(default = "default_url")]
@@ -248,11 +296,20 @@ impl SubjectTemplate {
     pub(crate) fn render(&self, msg: &Message) -> Result<String, ProcessError> {
         let subject = self.0.render(|name| {
             msg.headers.get(name).cloned().ok_or_else(|| {
-                ProcessError::invalid_input(format!("the subject needs header `{name}`, which the message lacks"))
+                ProcessError::invalid_input(format!(
+                    "the subject needs header `{name}`, which the message lacks"
+                ))
             })
         })?;
-        if subject.is_empty() || subject.contains(char::is_whitespace) || subject.split('.').any(|t| t.is_empty() || t == "*" || t == ">") {
-            return Err(ProcessError::invalid_input(format!("`{subject}` is not a valid subject to publish to")));
+        if subject.is_empty()
+            || subject.contains(char::is_whitespace)
+            || subject
+                .split('.')
+                .any(|t| t.is_empty() || t == "*" || t == ">")
+        {
+            return Err(ProcessError::invalid_input(format!(
+                "`{subject}` is not a valid subject to publish to"
+            )));
         }
         Ok(subject)
     }
@@ -270,7 +327,12 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
     check_url(&c.url)?;
     let subject = SubjectTemplate::parse("subject", &c.subject)?;
     Ok(Arc::new(NatsSink {
-        client: LazyClient::new(c.url.clone(), c.token, format!("{}/{}", ctx.flow, ctx.id), HealthHandle::for_component(ctx)),
+        client: LazyClient::new(
+            c.url.clone(),
+            c.token,
+            format!("{}/{}", ctx.flow, ctx.id),
+            HealthHandle::for_component(ctx),
+        ),
         url: c.url,
         subject,
     }))
@@ -286,7 +348,10 @@ impl Sink for NatsSink {
             .publish_with_headers(subject, headers_to_nats(msg), msg.body.as_bytes().clone())
             .await
             .map_err(|e| unavailable(&self.url, "publishing", e))?;
-        client.flush().await.map_err(|e| unavailable(&self.url, "flushing", e))
+        client
+            .flush()
+            .await
+            .map_err(|e| unavailable(&self.url, "flushing", e))
     }
 }
 
@@ -317,16 +382,37 @@ fails with `remote`. Payload size as for the `nats` sink.";
 /// The `nats` processor's spec.
 pub fn processor_spec() -> ComponentSpec {
     connection_fields(
-        ComponentSpec::new("nats", ComponentKind::Processor, "Send a NATS request; the reply becomes the message")
-            .description(PROCESSOR_DESCRIPTION),
+        ComponentSpec::new(
+            "nats",
+            ComponentKind::Processor,
+            "Send a NATS request; the reply becomes the message",
+        )
+        .description(PROCESSOR_DESCRIPTION),
     )
-    .field(FieldSpec::new("subject", FieldType::String, "Subject of the request; `{header}` placeholders are filled from message headers.").required())
-    .field(FieldSpec::new("timeout", FieldType::Duration, "How long to wait for the reply.").default_value("5s"))
+    .field(
+        FieldSpec::new(
+            "subject",
+            FieldType::String,
+            "Subject of the request; `{header}` placeholders are filled from message headers.",
+        )
+        .required(),
+    )
+    .field(
+        FieldSpec::new(
+            "timeout",
+            FieldType::Duration,
+            "How long to wait for the reply.",
+        )
+        .default_value("5s"),
+    )
     .shorthand("subject")
-    .example("Ask the pricing service", "subject: prices.quote\ntimeout: 2s\n")
+    .example(
+        "Ask the pricing service",
+        "subject: prices.quote\ntimeout: 2s\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ProcessorConfig {
     #[serde(default = "default_url")]
@@ -350,7 +436,10 @@ struct NatsRequest {
 }
 
 /// Builds the `nats` processor.
-pub fn build_processor(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor>, BuildError> {
+pub fn build_processor(
+    config: &Value,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<dyn Processor>, BuildError> {
     let c: ProcessorConfig = crate::config::parse(config)?;
     check_url(&c.url)?;
     let subject = SubjectTemplate::parse("subject", &c.subject)?;
@@ -358,7 +447,12 @@ pub fn build_processor(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn
         return Err(BuildError::field("timeout", "must be longer than 0s"));
     }
     Ok(Arc::new(NatsRequest {
-        client: LazyClient::new(c.url.clone(), c.token, format!("{}/{}", ctx.flow, ctx.id), HealthHandle::for_component(ctx)),
+        client: LazyClient::new(
+            c.url.clone(),
+            c.token,
+            format!("{}/{}", ctx.flow, ctx.id),
+            HealthHandle::for_component(ctx),
+        ),
         url: c.url,
         subject,
         timeout: c.timeout.0,
@@ -372,8 +466,18 @@ impl Processor for NatsRequest {
             Ok(reply) => {
                 let mut out = msg.derive(sluice_core::Body::from_bytes(reply.payload.clone()));
                 headers_from_nats(reply.headers.as_ref(), &mut out.headers);
-                if let Some(error) = reply.headers.as_ref().and_then(|h| h.get("Nats-Service-Error")) {
-                    let error = ProcessError::new(ErrorKind::Remote, format!("the responder on `{}` answered with an error: {error}", reply.subject));
+                if let Some(error) = reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Service-Error"))
+                {
+                    let error = ProcessError::new(
+                        ErrorKind::Remote,
+                        format!(
+                            "the responder on `{}` answered with an error: {error}",
+                            reply.subject
+                        ),
+                    );
                     return Err(Failure::new(out, error));
                 }
                 Ok(std::iter::once(out).collect())
@@ -392,13 +496,48 @@ impl NatsRequest {
             .payload(msg.body.as_bytes().clone())
             .headers(headers_to_nats(msg))
             .timeout(Some(self.timeout));
-        client.send_request(subject.clone(), request).await.map_err(|e| {
-            use async_nats::RequestErrorKind as K;
-            match e.kind() {
-                K::TimedOut => ProcessError::new(ErrorKind::Timeout, format!("no reply on `{subject}` within {:?}", self.timeout)),
-                K::NoResponders => ProcessError::new(ErrorKind::Unavailable, format!("no responder on `{subject}` ({})", describe(&self.url))),
-                K::Other => unavailable(&self.url, "the request", e),
-            }
-        })
+        client
+            .send_request(subject.clone(), request)
+            .await
+            .map_err(|e| {
+                use async_nats::RequestErrorKind as K;
+                match e.kind() {
+                    K::TimedOut => ProcessError::new(
+                        ErrorKind::Timeout,
+                        format!("no reply on `{subject}` within {:?}", self.timeout),
+                    ),
+                    K::NoResponders => ProcessError::new(
+                        ErrorKind::Unavailable,
+                        format!("no responder on `{subject}` ({})", describe(&self.url)),
+                    ),
+                    K::Other => unavailable(&self.url, "the request", e),
+                }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::assert_defaults_agree;
+    use serde_json::json;
+
+    #[test]
+    fn serde_defaults_match_spec_defaults() {
+        assert_defaults_agree::<SourceConfig>(&source_spec(), json!({"subject": "a.>"}));
+        assert_defaults_agree::<SinkConfig>(&sink_spec(), json!({"subject": "a"}));
+        assert_defaults_agree::<ProcessorConfig>(&processor_spec(), json!({"subject": "a"}));
+    }
+
+    #[test]
+    fn subject_templates_need_their_headers_and_concrete_subjects() {
+        let t = SubjectTemplate::parse("subject", "orders.{kind}").unwrap();
+        let msg = Message::bytes("x").with_header("kind", "new");
+        assert_eq!(t.render(&msg).unwrap(), "orders.new");
+        let e = t.render(&Message::bytes("x")).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidInput);
+        let wild = Message::bytes("x").with_header("kind", "*");
+        assert!(t.render(&wild).is_err());
+        assert!(SubjectTemplate::parse("subject", "orders.>").is_err());
     }
 }

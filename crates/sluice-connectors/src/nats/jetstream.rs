@@ -91,7 +91,7 @@ pub fn source_spec() -> ComponentSpec {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceConfig {
     #[serde(default = "default_url")]
@@ -137,7 +137,9 @@ fn default_prefetch() -> usize {
 
 /// Stream and consumer names: no spaces, dots, wildcards or path separators.
 fn check_name(field: &str, name: &str) -> Result<(), BuildError> {
-    if name.is_empty() || name.contains(|c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\')) {
+    if name.is_empty()
+        || name.contains(|c: char| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
+    {
         return Err(BuildError::field(
             field,
             format!("`{name}` is not a valid JetStream name; use letters, digits, `-` and `_`"),
@@ -151,7 +153,10 @@ struct JetStreamSource {
 }
 
 /// Builds the `jetstream` source.
-pub fn build_source(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
+pub fn build_source(
+    config: &Value,
+    _ctx: &BuildContext<'_>,
+) -> Result<Box<dyn Source>, BuildError> {
     let c: SourceConfig = crate::config::parse(config)?;
     check_url(&c.url)?;
     check_name("stream", &c.stream)?;
@@ -166,7 +171,10 @@ pub fn build_source(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn S
         return Err(BuildError::field("max_deliver", "must be at least 1"));
     }
     if c.ack_wait.0 < Duration::from_secs(1) {
-        return Err(BuildError::field("ack_wait", "must be at least 1s; it bounds how long the flow may take per message"));
+        return Err(BuildError::field(
+            "ack_wait",
+            "must be at least 1s; it bounds how long the flow may take per message",
+        ));
     }
     if c.prefetch == 0 {
         return Err(BuildError::field("prefetch", "must be at least 1"));
@@ -180,9 +188,17 @@ impl JetStreamSource {
         &self,
         flow: &str,
         health: &HealthHandle,
-    ) -> Result<(async_nats::Client, jetstream::consumer::Consumer<pull::Config>), String> {
+    ) -> Result<
+        (
+            async_nats::Client,
+            jetstream::consumer::Consumer<pull::Config>,
+        ),
+        String,
+    > {
         let c = &self.c;
-        let client = connect(&c.url, c.token.as_deref(), flow, health).await.map_err(|e| e.to_string())?;
+        let client = connect(&c.url, c.token.as_deref(), flow, health)
+            .await
+            .map_err(|e| e.to_string())?;
         let js = jetstream::new(client.clone());
         let stream = if c.create && !c.subjects.is_empty() {
             js.get_or_create_stream(stream::Config {
@@ -194,7 +210,10 @@ impl JetStreamSource {
             .map_err(|e| format!("stream `{}`: {e}", c.stream))?
         } else {
             js.get_stream(&c.stream).await.map_err(|e| {
-                format!("stream `{}`: {e}; create it or give `subjects` to have it created", c.stream)
+                format!(
+                    "stream `{}`: {e}; create it or give `subjects` to have it created",
+                    c.stream
+                )
             })?
         };
         let config = pull::Config {
@@ -207,9 +226,15 @@ impl JetStreamSource {
             ..Default::default()
         };
         let consumer = if c.create {
-            stream.get_or_create_consumer(&c.consumer, config).await.map_err(|e| e.to_string())
+            stream
+                .get_or_create_consumer(&c.consumer, config)
+                .await
+                .map_err(|e| e.to_string())
         } else {
-            stream.get_consumer(&c.consumer).await.map_err(|e| e.to_string())
+            stream
+                .get_consumer(&c.consumer)
+                .await
+                .map_err(|e| e.to_string())
         }
         .map_err(|e| format!("consumer `{}` on stream `{}`: {e}", c.consumer, c.stream))?;
         Ok((client, consumer))
@@ -225,7 +250,12 @@ enum Settlement {
 }
 
 /// The answer for `outcome` on delivery `delivered` of at most `max_deliver`.
-fn settlement(outcome: &Outcome, delivered: i64, max_deliver: i64, nak_delay: Duration) -> Settlement {
+fn settlement(
+    outcome: &Outcome,
+    delivered: i64,
+    max_deliver: i64,
+    nak_delay: Duration,
+) -> Settlement {
     match outcome {
         Outcome::Ack => Settlement::Ack,
         Outcome::Nack(_) if delivered >= max_deliver => Settlement::Term,
@@ -245,8 +275,13 @@ impl Source for JetStreamSource {
         let permits = Arc::new(Semaphore::new(self.c.prefetch));
         let mut in_flight = JoinSet::new();
         'connection: loop {
-            let opened = reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open(&ctx.flow, &health)).await;
-            let Some((_client, consumer)) = opened else { break };
+            let opened = reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || {
+                self.open(&ctx.flow, &health)
+            })
+            .await;
+            let Some((_client, consumer)) = opened else {
+                break;
+            };
             let messages = consumer
                 .stream()
                 .max_messages_per_batch(self.c.prefetch)
@@ -255,7 +290,10 @@ impl Source for JetStreamSource {
             let mut messages = match messages {
                 Ok(m) => m,
                 Err(e) => {
-                    health.unhealthy(format!("cannot pull from consumer `{}` on {what}: {e}", self.c.consumer));
+                    health.unhealthy(format!(
+                        "cannot pull from consumer `{}` on {what}: {e}",
+                        self.c.consumer
+                    ));
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
@@ -276,7 +314,10 @@ impl Source for JetStreamSource {
                     Some(Err(e)) => {
                         // Heartbeats missed or the consumer was deleted: start the pull again.
                         tracing::warn!(flow = %ctx.flow, consumer = %self.c.consumer, error = %e, "pulling from JetStream failed; starting again");
-                        health.unhealthy(format!("pulling from consumer `{}` on {what} failed: {e}", self.c.consumer));
+                        health.unhealthy(format!(
+                            "pulling from consumer `{}` on {what} failed: {e}",
+                            self.c.consumer
+                        ));
                         drop(permit);
                         tokio::select! {
                             () = ctx.shutdown.cancelled() => break 'connection,
@@ -290,7 +331,11 @@ impl Source for JetStreamSource {
                 let (msg, delivered) = to_message(&incoming);
                 let (token, outcome) = AckToken::channel();
                 let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
-                let (max_deliver, nak_delay, flow) = (self.c.max_deliver, self.c.nak_delay.0, Arc::clone(&ctx.flow));
+                let (max_deliver, nak_delay, flow) = (
+                    self.c.max_deliver,
+                    self.c.nak_delay.0,
+                    Arc::clone(&ctx.flow),
+                );
                 in_flight.spawn(async move {
                     let _ = work.await;
                     let outcome = outcome.await.unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
@@ -320,19 +365,27 @@ impl Source for JetStreamSource {
 fn to_message(incoming: &jetstream::Message) -> (Message, i64) {
     let mut msg = Message::bytes(incoming.payload.clone());
     headers_from_nats(incoming.headers.as_ref(), &mut msg.headers);
-    if let Some(id) = msg.headers.get(MSG_ID_HEADER).and_then(|v| uuid::Uuid::parse_str(v).ok()) {
+    if let Some(id) = msg
+        .headers
+        .get(MSG_ID_HEADER)
+        .and_then(|v| uuid::Uuid::parse_str(v).ok())
+    {
         msg = msg.with_id(id);
     }
-    msg.headers.insert(SUBJECT_HEADER.to_owned(), incoming.subject.to_string());
+    msg.headers
+        .insert(SUBJECT_HEADER.to_owned(), incoming.subject.to_string());
     let delivered = match incoming.info() {
         Ok(info) => {
-            msg.headers.insert(STREAM_HEADER.to_owned(), info.stream.to_owned());
-            msg.headers.insert(SEQUENCE_HEADER.to_owned(), info.stream_sequence.to_string());
+            msg.headers
+                .insert(STREAM_HEADER.to_owned(), info.stream.to_owned());
+            msg.headers
+                .insert(SEQUENCE_HEADER.to_owned(), info.stream_sequence.to_string());
             info.delivered
         }
         Err(_) => 1,
     };
-    msg.headers.insert(DELIVERED_HEADER.to_owned(), delivered.to_string());
+    msg.headers
+        .insert(DELIVERED_HEADER.to_owned(), delivered.to_string());
     (msg, delivered)
 }
 
@@ -354,18 +407,57 @@ No acknowledgement within `timeout` fails with `timeout`. Payload size as the se
 /// The `jetstream` sink's spec.
 pub fn sink_spec() -> ComponentSpec {
     connection_fields(
-        ComponentSpec::new("jetstream", ComponentKind::Sink, "Publish to a JetStream stream, committed on the stream's acknowledgement")
-            .description(SINK_DESCRIPTION),
+        ComponentSpec::new(
+            "jetstream",
+            ComponentKind::Sink,
+            "Publish to a JetStream stream, committed on the stream's acknowledgement",
+        )
+        .description(SINK_DESCRIPTION),
     )
-    .field(FieldSpec::new("subject", FieldType::String, "Subject to publish to; `{header}` placeholders are filled from message headers.").required())
-    .field(FieldSpec::new("stream", FieldType::String, "Stream to create if missing (with `create`)."))
-    .field(FieldSpec::new("subjects", FieldType::List(Box::new(FieldType::String)), "Subjects of the stream when creating it; default the subject.").default_value(serde_json::json!([])))
-    .field(FieldSpec::new("create", FieldType::Bool, "Create `stream` if it is missing.").default_value(true))
-    .field(FieldSpec::new("timeout", FieldType::Duration, "How long to wait for the stream's acknowledgement.").default_value("5s"))
-    .example("Store every order in the ORDERS stream", "subject: orders.created\nstream: ORDERS\nsubjects: [orders.>]\n")
+    .field(
+        FieldSpec::new(
+            "subject",
+            FieldType::String,
+            "Subject to publish to; `{header}` placeholders are filled from message headers.",
+        )
+        .required(),
+    )
+    .field(FieldSpec::new(
+        "stream",
+        FieldType::String,
+        "Stream to create if missing (with `create`).",
+    ))
+    .field(
+        FieldSpec::new(
+            "subjects",
+            FieldType::List(Box::new(FieldType::String)),
+            "Subjects of the stream when creating it; default the subject.",
+        )
+        .default_value(serde_json::json!([])),
+    )
+    .field(
+        FieldSpec::new(
+            "create",
+            FieldType::Bool,
+            "Create `stream` if it is missing.",
+        )
+        .default_value(true),
+    )
+    .field(
+        FieldSpec::new(
+            "timeout",
+            FieldType::Duration,
+            "How long to wait for the stream's acknowledgement.",
+        )
+        .default_value("5s"),
+    )
+    .example(
+        "Store every order in the ORDERS stream",
+        "subject: orders.created\nstream: ORDERS\nsubjects: [orders.>]\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkConfig {
     #[serde(default = "default_url")]
@@ -412,16 +504,32 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
     }
     let ensure = match (&c.stream, c.create) {
         (Some(name), true) => {
-            let subjects = if c.subjects.is_empty() { vec![c.subject.clone()] } else { c.subjects.clone() };
+            let subjects = if c.subjects.is_empty() {
+                vec![c.subject.clone()]
+            } else {
+                c.subjects.clone()
+            };
             if subjects.iter().any(|s| s.contains('{')) {
-                return Err(BuildError::field("subjects", "give the stream's subjects explicitly when `subject` has placeholders"));
+                return Err(BuildError::field(
+                    "subjects",
+                    "give the stream's subjects explicitly when `subject` has placeholders",
+                ));
             }
-            Some(stream::Config { name: name.clone(), subjects, ..Default::default() })
+            Some(stream::Config {
+                name: name.clone(),
+                subjects,
+                ..Default::default()
+            })
         }
         _ => None,
     };
     Ok(Arc::new(JetStreamSink {
-        client: LazyClient::new(c.url.clone(), c.token, format!("{}/{}", ctx.flow, ctx.id), HealthHandle::for_component(ctx)),
+        client: LazyClient::new(
+            c.url.clone(),
+            c.token,
+            format!("{}/{}", ctx.flow, ctx.id),
+            HealthHandle::for_component(ctx),
+        ),
         url: c.url,
         subject,
         ensure: tokio::sync::Mutex::new(ensure),
@@ -440,7 +548,14 @@ impl Sink for JetStreamSink {
             let mut ensure = self.ensure.lock().await;
             if let Some(config) = ensure.as_ref() {
                 js.get_or_create_stream(config.clone()).await.map_err(|e| {
-                    ProcessError::new(ErrorKind::Unavailable, format!("cannot create stream `{}` on {}: {e}", config.name, describe(&self.url)))
+                    ProcessError::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "cannot create stream `{}` on {}: {e}",
+                            config.name,
+                            describe(&self.url)
+                        ),
+                    )
                 })?;
                 *ensure = None;
             }
@@ -451,7 +566,8 @@ impl Sink for JetStreamSink {
             .publish_with_headers(subject.clone(), headers, msg.body.as_bytes().clone())
             .await
             .map_err(|e| publish_error(&self.url, &subject, &e))?;
-        ack.await.map_err(|e| publish_error(&self.url, &subject, &e))?;
+        ack.await
+            .map_err(|e| publish_error(&self.url, &subject, &e))?;
         Ok(())
     }
 }
@@ -459,9 +575,21 @@ impl Sink for JetStreamSink {
 fn publish_error(url: &str, subject: &str, e: &jetstream::context::PublishError) -> ProcessError {
     use jetstream::context::PublishErrorKind as K;
     match e.kind() {
-        K::TimedOut => ProcessError::new(ErrorKind::Timeout, format!("no acknowledgement for `{subject}` from {}", describe(url))),
-        K::StreamNotFound => ProcessError::new(ErrorKind::Unavailable, format!("no stream captures subject `{subject}` on {}; create one (or set `stream` and `subjects`)", describe(url))),
-        _ => ProcessError::new(ErrorKind::Unavailable, format!("publishing to `{subject}` on {} failed: {e}", describe(url))),
+        K::TimedOut => ProcessError::new(
+            ErrorKind::Timeout,
+            format!("no acknowledgement for `{subject}` from {}", describe(url)),
+        ),
+        K::StreamNotFound => ProcessError::new(
+            ErrorKind::Unavailable,
+            format!(
+                "no stream captures subject `{subject}` on {}; create one (or set `stream` and `subjects`)",
+                describe(url)
+            ),
+        ),
+        _ => ProcessError::new(
+            ErrorKind::Unavailable,
+            format!("publishing to `{subject}` on {} failed: {e}", describe(url)),
+        ),
     }
 }
 
@@ -474,10 +602,27 @@ mod tests {
         let d = Duration::from_secs(1);
         assert_eq!(settlement(&Outcome::Ack, 5, 5, d), Settlement::Ack);
         let nack = Outcome::Nack("x".into());
-        assert_eq!(settlement(&nack, 1, 3, d), Settlement::Nak(Duration::from_secs(1)));
-        assert_eq!(settlement(&nack, 2, 3, d), Settlement::Nak(Duration::from_secs(2)));
+        assert_eq!(
+            settlement(&nack, 1, 3, d),
+            Settlement::Nak(Duration::from_secs(1))
+        );
+        assert_eq!(
+            settlement(&nack, 2, 3, d),
+            Settlement::Nak(Duration::from_secs(2))
+        );
         assert_eq!(settlement(&nack, 3, 3, d), Settlement::Term);
-        assert_eq!(settlement(&nack, 30, 100, d), Settlement::Nak(MAX_NAK_DELAY));
+        assert_eq!(
+            settlement(&nack, 30, 100, d),
+            Settlement::Nak(MAX_NAK_DELAY)
+        );
+    }
+
+    #[test]
+    fn serde_defaults_match_spec_defaults() {
+        use crate::config::assert_defaults_agree;
+        let source = serde_json::json!({"stream": "S", "consumer": "c"});
+        assert_defaults_agree::<SourceConfig>(&source_spec(), source);
+        assert_defaults_agree::<SinkConfig>(&sink_spec(), serde_json::json!({"subject": "a"}));
     }
 
     #[test]

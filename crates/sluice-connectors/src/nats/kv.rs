@@ -43,7 +43,12 @@ impl NatsKv {
     /// A store on `options.bucket`, connecting on first use and reporting on `health`.
     pub fn new(options: KvOptions, health: HealthHandle) -> Self {
         NatsKv {
-            client: LazyClient::new(options.url.clone(), options.token.clone(), format!("kv {}", options.bucket), health),
+            client: LazyClient::new(
+                options.url.clone(),
+                options.token.clone(),
+                format!("kv {}", options.bucket),
+                health,
+            ),
             options,
             store: OnceCell::new(),
         }
@@ -71,17 +76,30 @@ impl NatsKv {
     fn error(&self, what: &str, e: impl std::fmt::Display) -> ProcessError {
         ProcessError::new(
             ErrorKind::Unavailable,
-            format!("KV bucket `{}` on {}: {what} failed: {e}", self.options.bucket, describe(&self.options.url)),
+            format!(
+                "KV bucket `{}` on {}: {what} failed: {e}",
+                self.options.bucket,
+                describe(&self.options.url)
+            ),
         )
     }
 
     /// The live value under `key` and its revision, if any.
     async fn live(&self, key: &str) -> Result<(Option<Bytes>, Option<u64>), ProcessError> {
-        let entry = self.bucket().await?.entry(key).await.map_err(|e| self.error("reading", e))?;
+        let entry = self
+            .bucket()
+            .await?
+            .entry(key)
+            .await
+            .map_err(|e| self.error("reading", e))?;
         Ok(match entry {
             Some(e) if e.operation == kv::Operation::Put => {
                 let revision = Some(e.revision);
-                if expired(&e.value) { (None, revision) } else { (Some(e.value), revision) }
+                if expired(&e.value) {
+                    (None, revision)
+                } else {
+                    (Some(e.value), revision)
+                }
             }
             Some(e) => (None, Some(e.revision)),
             None => (None, None),
@@ -107,7 +125,9 @@ fn bucket_stream(options: &KvOptions) -> jetstream::stream::Config {
 
 /// Milliseconds since the epoch.
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn expiry(ttl: Duration) -> u64 {
@@ -123,7 +143,10 @@ fn encode(expires_ms: u64, rest: &[u8]) -> Bytes {
 }
 
 fn expired(value: &[u8]) -> bool {
-    value.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).is_none_or(|b| u64::from_be_bytes(b) <= now_ms())
+    value
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .is_none_or(|b| u64::from_be_bytes(b) <= now_ms())
 }
 
 /// KV keys allow `[-/_=.a-zA-Z0-9]` with rules about `.`: every other byte, `.` and `=` included,
@@ -168,12 +191,20 @@ impl IdempotentRepository for NatsKv {
     }
 
     async fn confirm(&self, key: &str, ttl: Duration) -> Result<(), ProcessError> {
-        self.bucket().await?.put(encode_key(key), encode(expiry(ttl), b"done")).await.map_err(|e| self.error("confirming", e))?;
+        self.bucket()
+            .await?
+            .put(encode_key(key), encode(expiry(ttl), b"done"))
+            .await
+            .map_err(|e| self.error("confirming", e))?;
         Ok(())
     }
 
     async fn release(&self, key: &str) -> Result<(), ProcessError> {
-        self.bucket().await?.purge(encode_key(key)).await.map_err(|e| self.error("releasing", e))
+        self.bucket()
+            .await?
+            .purge(encode_key(key))
+            .await
+            .map_err(|e| self.error("releasing", e))
     }
 
     async fn contains(&self, key: &str) -> Result<bool, ProcessError> {
@@ -184,13 +215,19 @@ impl IdempotentRepository for NatsKv {
 #[async_trait]
 impl CacheStore for NatsKv {
     async fn get(&self, key: &str) -> Result<Option<CachedValue>, ProcessError> {
-        let Some(value) = self.live(&encode_key(key)).await?.0 else { return Ok(None) };
+        let Some(value) = self.live(&encode_key(key)).await?.0 else {
+            return Ok(None);
+        };
         Ok(decode_cached(&value[8..]))
     }
 
     async fn put(&self, key: &str, value: CachedValue, ttl: Duration) -> Result<(), ProcessError> {
         let bytes = encode(expiry(ttl), &encode_cached(&value));
-        self.bucket().await?.put(encode_key(key), bytes).await.map_err(|e| self.error("writing", e))?;
+        self.bucket()
+            .await?
+            .put(encode_key(key), bytes)
+            .await
+            .map_err(|e| self.error("writing", e))?;
         Ok(())
     }
 }
@@ -215,5 +252,4 @@ mod tests {
         assert!(expired(&encode(now_ms() - 1, b"x")));
         assert!(expired(b"short"));
     }
-
 }

@@ -153,7 +153,12 @@ pub(crate) struct LazyClient {
 }
 
 impl LazyClient {
-    pub(crate) fn new(url: String, token: Option<String>, name: String, health: HealthHandle) -> Self {
+    pub(crate) fn new(
+        url: String,
+        token: Option<String>,
+        name: String,
+        health: HealthHandle,
+    ) -> Self {
         LazyClient {
             url,
             token,
@@ -209,10 +214,7 @@ pub(crate) fn headers_to_nats(msg: &Message) -> HeaderMap {
 
 /// NATS header names are HTTP-like tokens: printable ASCII without `:` or spaces.
 fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b':')
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
 }
 
 /// A publish/request failure as a [`ProcessError`], `unavailable` unless said otherwise.
@@ -232,7 +234,12 @@ mod tests {
         assert!(check_url("nats://127.0.0.1:4222").is_ok());
         assert!(check_url("nats://a:4222,nats://b:4222").is_ok());
         assert_eq!(check_url("").unwrap_err().field.as_deref(), Some("url"));
-        assert!(check_url("http://x").unwrap_err().message.contains("scheme"));
+        assert!(
+            check_url("http://x")
+                .unwrap_err()
+                .message
+                .contains("scheme")
+        );
         assert!(check_subject("subject", "orders.>", true).is_ok());
         assert!(check_subject("subject", "orders.>", false).is_err());
         assert!(check_subject("subject", "orders..x", true).is_err());

@@ -42,13 +42,54 @@ error answer (a value that is not an integer for `incr`) is `remote`. No TLS.";
 
 /// The `redis` processor's spec.
 pub fn spec() -> ComponentSpec {
-    url_field(ComponentSpec::new("redis", ComponentKind::Processor, "Get, set or increment a Redis key").description(DESCRIPTION))
-        .field(FieldSpec::new("command", FieldType::Enum(vec!["get", "set", "incr"]), "What to do with the key.").required())
-        .field(FieldSpec::new("key", FieldType::String, "The key; `{header}` placeholders are filled from message headers.").required())
-        .field(FieldSpec::new("ttl", FieldType::Duration, "Expiry for `set`, and for a key `incr` creates."))
-        .field(FieldSpec::new("by", FieldType::Integer { min: None, max: None }, "Increment for `incr`.").default_value(1))
-        .example("Look up a customer", "command: get\nkey: \"customer:{customer-id}\"\n")
-        .example("Count requests per client per minute", "command: incr\nkey: \"rate:{client-id}\"\nttl: 1m\n")
+    url_field(
+        ComponentSpec::new(
+            "redis",
+            ComponentKind::Processor,
+            "Get, set or increment a Redis key",
+        )
+        .description(DESCRIPTION),
+    )
+    .field(
+        FieldSpec::new(
+            "command",
+            FieldType::Enum(vec!["get", "set", "incr"]),
+            "What to do with the key.",
+        )
+        .required(),
+    )
+    .field(
+        FieldSpec::new(
+            "key",
+            FieldType::String,
+            "The key; `{header}` placeholders are filled from message headers.",
+        )
+        .required(),
+    )
+    .field(FieldSpec::new(
+        "ttl",
+        FieldType::Duration,
+        "Expiry for `set`, and for a key `incr` creates.",
+    ))
+    .field(
+        FieldSpec::new(
+            "by",
+            FieldType::Integer {
+                min: None,
+                max: None,
+            },
+            "Increment for `incr`.",
+        )
+        .default_value(1),
+    )
+    .example(
+        "Look up a customer",
+        "command: get\nkey: \"customer:{customer-id}\"\n",
+    )
+    .example(
+        "Count requests per client per minute",
+        "command: incr\nkey: \"rate:{client-id}\"\nttl: 1m\n",
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -59,7 +100,7 @@ enum Command {
     Incr,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
     #[serde(default = "default_url")]
@@ -103,7 +144,10 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
         return Err(BuildError::field("ttl", "must be at least 1ms"));
     }
     if c.ttl.is_some() && c.command == Command::Get {
-        return Err(BuildError::field("ttl", "has no meaning for `get`; remove it"));
+        return Err(BuildError::field(
+            "ttl",
+            "has no meaning for `get`; remove it",
+        ));
     }
     Ok(Arc::new(RedisCommand {
         conn: LazyConnection::new(client, c.url, HealthHandle::for_component(ctx)),
@@ -127,7 +171,11 @@ impl Processor for RedisCommand {
 impl RedisCommand {
     async fn run(&self, msg: Message) -> Result<Message, (Message, ProcessError)> {
         let key = match self.key.render(|name| {
-            msg.headers.get(name).cloned().ok_or_else(|| ProcessError::invalid_input(format!("the key needs header `{name}`, which the message lacks")))
+            msg.headers.get(name).cloned().ok_or_else(|| {
+                ProcessError::invalid_input(format!(
+                    "the key needs header `{name}`, which the message lacks"
+                ))
+            })
         }) {
             Ok(key) => key,
             Err(e) => return Err((msg, e)),
@@ -136,9 +184,15 @@ impl RedisCommand {
             Ok(c) => c,
             Err(e) => return Err((msg, e)),
         };
-        let ms = self.ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+        let ms = self
+            .ttl
+            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
         let done: Result<Done, RedisError> = match self.command {
-            Command::Get => redis::cmd("GET").arg(&key).query_async(&mut conn).await.map(Done::Value),
+            Command::Get => redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .map(Done::Value),
             Command::Set => {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(&key).arg(msg.body.as_bytes().as_ref());
@@ -154,18 +208,37 @@ impl RedisCommand {
                     // NX: only a key without expiry (just created) gets one: a fixed window.
                     pipe.cmd("PEXPIRE").arg(&key).arg(ms).arg("NX").ignore();
                 }
-                pipe.query_async::<(i64,)>(&mut conn).await.map(|(v,)| Done::Count(v))
+                pipe.query_async::<(i64,)>(&mut conn)
+                    .await
+                    .map(|(v,)| Done::Count(v))
             }
         };
         match done {
-            Ok(Done::Value(Some(v))) => Ok(msg.derive(Body::from_bytes(Bytes::from(v))).with_header(FOUND_HEADER, "true")),
+            Ok(Done::Value(Some(v))) => Ok(msg
+                .derive(Body::from_bytes(Bytes::from(v)))
+                .with_header(FOUND_HEADER, "true")),
             Ok(Done::Value(None)) => Ok(msg.with_header(FOUND_HEADER, "false")),
             Ok(Done::Set) => Ok(msg),
             Ok(Done::Count(v)) => Ok(msg.with_header(VALUE_HEADER, v.to_string())),
             Err(e) => {
-                let error = self.conn.failed(&format!("{:?} `{key}`", self.command).to_uppercase(), &e).await;
+                let error = self
+                    .conn
+                    .failed(&format!("{:?} `{key}`", self.command).to_uppercase(), &e)
+                    .await;
                 Err((msg, error))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::assert_defaults_agree;
+    use serde_json::json;
+
+    #[test]
+    fn serde_defaults_match_spec_defaults() {
+        assert_defaults_agree::<Config>(&spec(), json!({"command": "incr", "key": "k"}));
     }
 }

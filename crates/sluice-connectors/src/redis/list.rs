@@ -6,7 +6,6 @@
 //! leaves it in the processing list, which is moved back to the head of the queue at the next
 //! start, before anything else is read.
 
-use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
@@ -15,9 +14,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    AckToken, BuildContext, BuildError, HealthHandle, Message, Outcome, ProcessError, Sink,
-    Source, SourceContext, SourceError,
+    AckToken, BuildContext, BuildError, HealthHandle, Message, Outcome, ProcessError, Sink, Source,
+    SourceContext, SourceError,
 };
+use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
@@ -54,18 +54,39 @@ messages are processed concurrently and may finish out of order. No TLS.";
 /// The `redis_list` source's spec.
 pub fn source_spec() -> ComponentSpec {
     url_field(
-        ComponentSpec::new("redis_list", ComponentKind::Source, "Take messages from a Redis list used as a reliable queue")
-            .description(SOURCE_DESCRIPTION),
+        ComponentSpec::new(
+            "redis_list",
+            ComponentKind::Source,
+            "Take messages from a Redis list used as a reliable queue",
+        )
+        .description(SOURCE_DESCRIPTION),
     )
     .field(FieldSpec::new("list", FieldType::String, "The queue's key.").required())
-    .field(FieldSpec::new("processing_list", FieldType::String, "Where elements wait while their messages are in flight; default `<list>:processing`."))
-    .field(FieldSpec::new("prefetch", FieldType::Integer { min: Some(1), max: Some(65_536) }, "Most elements in flight at once.").default_value(16))
+    .field(FieldSpec::new(
+        "processing_list",
+        FieldType::String,
+        "Where elements wait while their messages are in flight; default `<list>:processing`.",
+    ))
+    .field(
+        FieldSpec::new(
+            "prefetch",
+            FieldType::Integer {
+                min: Some(1),
+                max: Some(65_536),
+            },
+            "Most elements in flight at once.",
+        )
+        .default_value(16),
+    )
     .shorthand("list")
     .example("A job queue", "list: jobs\n")
-    .example("Two instances on one queue", "list: jobs\nprocessing_list: jobs:processing:worker-1\nprefetch: 4\n")
+    .example(
+        "Two instances on one queue",
+        "list: jobs\nprocessing_list: jobs:processing:worker-1\nprefetch: 4\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceConfig {
     #[serde(default = "default_url")]
@@ -90,19 +111,33 @@ struct ListSource {
 }
 
 /// Builds the `redis_list` source.
-pub fn build_source(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
+pub fn build_source(
+    config: &Value,
+    _ctx: &BuildContext<'_>,
+) -> Result<Box<dyn Source>, BuildError> {
     let c: SourceConfig = crate::config::parse(config)?;
     let client = client(&c.url)?;
     check_key("list", &c.list)?;
-    let processing = c.processing_list.unwrap_or_else(|| format!("{}:processing", c.list));
+    let processing = c
+        .processing_list
+        .unwrap_or_else(|| format!("{}:processing", c.list));
     check_key("processing_list", &processing)?;
     if processing == c.list {
-        return Err(BuildError::field("processing_list", "must differ from `list`"));
+        return Err(BuildError::field(
+            "processing_list",
+            "must differ from `list`",
+        ));
     }
     if c.prefetch == 0 {
         return Err(BuildError::field("prefetch", "must be at least 1"));
     }
-    Ok(Box::new(ListSource { url: c.url, list: c.list, processing, prefetch: c.prefetch, client }))
+    Ok(Box::new(ListSource {
+        url: c.url,
+        list: c.list,
+        processing,
+        prefetch: c.prefetch,
+        client,
+    }))
 }
 
 impl ListSource {
@@ -142,7 +177,12 @@ impl Source for ListSource {
         let permits = Arc::new(Semaphore::new(self.prefetch));
         let mut in_flight = JoinSet::new();
         'connection: loop {
-            let Some((mut read, settle)) = reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open()).await else { break };
+            let Some((mut read, settle)) =
+                reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open())
+                    .await
+            else {
+                break;
+            };
             tracing::info!(flow = %ctx.flow, list = %self.list, service = %what, "consuming");
             loop {
                 while in_flight.try_join_next().is_some() {}
@@ -165,7 +205,10 @@ impl Source for ListSource {
                     Ok(None) => continue,
                     Err(e) => {
                         tracing::warn!(flow = %ctx.flow, list = %self.list, error = %e, "reading the list failed; reconnecting");
-                        health.unhealthy(format!("reading list `{}` on {what} failed: {e}", self.list));
+                        health.unhealthy(format!(
+                            "reading list `{}` on {what} failed: {e}",
+                            self.list
+                        ));
                         drop(permit);
                         tokio::select! {
                             () = ctx.shutdown.cancelled() => break 'connection,
@@ -174,10 +217,16 @@ impl Source for ListSource {
                         continue 'connection;
                     }
                 };
-                let msg = Message::bytes(Bytes::from(element.clone())).with_header(LIST_HEADER, self.list.clone());
+                let msg = Message::bytes(Bytes::from(element.clone()))
+                    .with_header(LIST_HEADER, self.list.clone());
                 let (token, outcome) = AckToken::channel();
                 let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
-                let (mut conn, list, processing, flow) = (settle.clone(), self.list.clone(), self.processing.clone(), Arc::clone(&ctx.flow));
+                let (mut conn, list, processing, flow) = (
+                    settle.clone(),
+                    self.list.clone(),
+                    self.processing.clone(),
+                    Arc::clone(&ctx.flow),
+                );
                 in_flight.spawn(async move {
                     let _ = work.await;
                     let outcome = outcome.await.unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
@@ -216,11 +265,25 @@ No TLS.";
 
 /// The `redis_list` sink's spec.
 pub fn sink_spec() -> ComponentSpec {
-    url_field(ComponentSpec::new("redis_list", ComponentKind::Sink, "Push messages onto a Redis list (a queue)").description(SINK_DESCRIPTION))
-        .field(FieldSpec::new("list", FieldType::String, "The list's key.").required())
-        .field(FieldSpec::new("end", FieldType::Enum(vec!["tail", "head"]), "`tail`: LPUSH, queued last; `head`: RPUSH, delivered next.").default_value("tail"))
-        .shorthand("list")
-        .example("Queue jobs", "list: jobs\n")
+    url_field(
+        ComponentSpec::new(
+            "redis_list",
+            ComponentKind::Sink,
+            "Push messages onto a Redis list (a queue)",
+        )
+        .description(SINK_DESCRIPTION),
+    )
+    .field(FieldSpec::new("list", FieldType::String, "The list's key.").required())
+    .field(
+        FieldSpec::new(
+            "end",
+            FieldType::Enum(vec!["tail", "head"]),
+            "`tail`: LPUSH, queued last; `head`: RPUSH, delivered next.",
+        )
+        .default_value("tail"),
+    )
+    .shorthand("list")
+    .example("Queue jobs", "list: jobs\n")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -230,7 +293,7 @@ enum End {
     Head,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkConfig {
     #[serde(default = "default_url")]
@@ -269,12 +332,30 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
 impl Sink for ListSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
         let mut conn = self.conn.get().await?;
-        let pushed: Result<u64, RedisError> =
-            redis::cmd(self.command).arg(&self.list).arg(msg.body.as_bytes().as_ref()).query_async(&mut conn).await;
+        let pushed: Result<u64, RedisError> = redis::cmd(self.command)
+            .arg(&self.list)
+            .arg(msg.body.as_bytes().as_ref())
+            .query_async(&mut conn)
+            .await;
         match pushed {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.conn.failed(&format!("{} to `{}`", self.command, self.list), &e).await),
+            Err(e) => Err(self
+                .conn
+                .failed(&format!("{} to `{}`", self.command, self.list), &e)
+                .await),
         }
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::assert_defaults_agree;
+    use serde_json::json;
+
+    #[test]
+    fn serde_defaults_match_spec_defaults() {
+        assert_defaults_agree::<SourceConfig>(&source_spec(), json!({"list": "q"}));
+        assert_defaults_agree::<SinkConfig>(&sink_spec(), json!({"list": "q"}));
+    }
+}

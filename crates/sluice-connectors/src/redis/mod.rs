@@ -45,13 +45,20 @@ pub(crate) fn default_url() -> String {
 
 /// Parses `url` (no connection is made).
 pub(crate) fn client(url: &str) -> Result<Client, BuildError> {
-    if !(url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")) {
+    if !(url.starts_with("redis://")
+        || url.starts_with("redis+unix://")
+        || url.starts_with("unix://"))
+    {
         return Err(BuildError::field(
             "url",
-            format!("`{}`: use redis://host:port (TLS `rediss://` is not supported)", describe(url)),
+            format!(
+                "`{}`: use redis://host:port (TLS `rediss://` is not supported)",
+                describe(url)
+            ),
         ));
     }
-    Client::open(url).map_err(|e| BuildError::field("url", format!("{e}; expected redis://host:port[/db]")))
+    Client::open(url)
+        .map_err(|e| BuildError::field("url", format!("{e}; expected redis://host:port[/db]")))
 }
 
 /// Checks a key name field.
@@ -65,19 +72,31 @@ pub(crate) fn check_key(field: &str, key: &str) -> Result<(), BuildError> {
 /// `Redis at <url>` without the password, for logs and health reports.
 pub(crate) fn describe(url: &str) -> String {
     let shown = match url.split_once('@') {
-        Some((head, host)) => format!("{}://{host}", head.split_once("://").map_or("redis", |(s, _)| s)),
+        Some((head, host)) => format!(
+            "{}://{host}",
+            head.split_once("://").map_or("redis", |(s, _)| s)
+        ),
         None => url.to_owned(),
     };
     format!("Redis at {shown}")
 }
 
 /// A multiplexed connection; `blocking` ones have no response timeout.
-pub(crate) async fn connect(client: &Client, blocking: bool) -> Result<MultiplexedConnection, RedisError> {
-    let timeout = if blocking { None } else { Some(RESPONSE_TIMEOUT) };
+pub(crate) async fn connect(
+    client: &Client,
+    blocking: bool,
+) -> Result<MultiplexedConnection, RedisError> {
+    let timeout = if blocking {
+        None
+    } else {
+        Some(RESPONSE_TIMEOUT)
+    };
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
         .set_response_timeout(timeout);
-    client.get_multiplexed_async_connection_with_config(&config).await
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
 }
 
 /// Whether the connection is worth dropping after `e` (a broken or timed-out connection, not an
@@ -109,7 +128,12 @@ pub(crate) struct LazyConnection {
 
 impl LazyConnection {
     pub(crate) fn new(client: Client, url: String, health: HealthHandle) -> Self {
-        LazyConnection { client, url, health, conn: tokio::sync::Mutex::new(None) }
+        LazyConnection {
+            client,
+            url,
+            health,
+            conn: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// The connection, connecting first if needed.
@@ -137,7 +161,8 @@ impl LazyConnection {
     pub(crate) async fn failed(&self, what: &str, e: &RedisError) -> ProcessError {
         if is_connection_error(e) {
             *self.conn.lock().await = None;
-            self.health.unhealthy(format!("{} failed: {e}", describe(&self.url)));
+            self.health
+                .unhealthy(format!("{} failed: {e}", describe(&self.url)));
         }
         error(&self.url, what, e)
     }
@@ -150,7 +175,10 @@ mod tests {
     #[test]
     fn urls_are_checked_and_passwords_hidden() {
         assert!(client("redis://127.0.0.1:6379/2").is_ok());
-        let e = client("rediss://x:6380").err().map(|e| e.message).unwrap_or_default();
+        let e = client("rediss://x:6380")
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
         assert!(e.contains("not supported"), "{e}");
         assert!(client("http://x").is_err());
         assert_eq!(describe("redis://u:secret@h:1/0"), "Redis at redis://h:1/0");

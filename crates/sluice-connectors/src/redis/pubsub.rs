@@ -39,17 +39,48 @@ then disconnects it (the source reconnects, losing what was buffered). No TLS.";
 /// The `redis_pubsub` source's spec.
 pub fn source_spec() -> ComponentSpec {
     url_field(
-        ComponentSpec::new("redis_pubsub", ComponentKind::Source, "Subscribe to a Redis pub/sub channel (at-most-once)")
-            .description(SOURCE_DESCRIPTION),
+        ComponentSpec::new(
+            "redis_pubsub",
+            ComponentKind::Source,
+            "Subscribe to a Redis pub/sub channel (at-most-once)",
+        )
+        .description(SOURCE_DESCRIPTION),
     )
-    .field(FieldSpec::new("channel", FieldType::String, "Channel name, or glob pattern with `pattern: true`.").required())
-    .field(FieldSpec::new("pattern", FieldType::Bool, "Treat `channel` as a glob pattern (PSUBSCRIBE).").default_value(false))
-    .field(FieldSpec::new("concurrency", FieldType::Integer { min: Some(1), max: Some(65_536) }, "Messages processed at once.").default_value(64))
+    .field(
+        FieldSpec::new(
+            "channel",
+            FieldType::String,
+            "Channel name, or glob pattern with `pattern: true`.",
+        )
+        .required(),
+    )
+    .field(
+        FieldSpec::new(
+            "pattern",
+            FieldType::Bool,
+            "Treat `channel` as a glob pattern (PSUBSCRIBE).",
+        )
+        .default_value(false),
+    )
+    .field(
+        FieldSpec::new(
+            "concurrency",
+            FieldType::Integer {
+                min: Some(1),
+                max: Some(65_536),
+            },
+            "Messages processed at once.",
+        )
+        .default_value(64),
+    )
     .shorthand("channel")
-    .example("Cache invalidation events", "channel: \"invalidate.*\"\npattern: true\n")
+    .example(
+        "Cache invalidation events",
+        "channel: \"invalidate.*\"\npattern: true\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceConfig {
     #[serde(default = "default_url")]
@@ -71,7 +102,10 @@ struct PubSubSource {
 }
 
 /// Builds the `redis_pubsub` source.
-pub fn build_source(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
+pub fn build_source(
+    config: &Value,
+    _ctx: &BuildContext<'_>,
+) -> Result<Box<dyn Source>, BuildError> {
     let c: SourceConfig = crate::config::parse(config)?;
     let client = client(&c.url)?;
     check_key("channel", &c.channel)?;
@@ -102,7 +136,14 @@ impl Source for PubSubSource {
         let permits = Arc::new(Semaphore::new(self.c.concurrency));
         let mut in_flight = JoinSet::new();
         'connection: loop {
-            let Some(pubsub) = reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.subscribe()).await else { break };
+            let Some(pubsub) =
+                reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || {
+                    self.subscribe()
+                })
+                .await
+            else {
+                break;
+            };
             let mut messages = pubsub.into_on_message();
             loop {
                 while in_flight.try_join_next().is_some() {}
@@ -116,13 +157,18 @@ impl Source for PubSubSource {
                 };
                 let Some(published) = next else {
                     tracing::warn!(flow = %ctx.flow, channel = %self.c.channel, "the subscription ended; subscribing again");
-                    health.unhealthy(format!("lost the subscription to `{}` on {what}", self.c.channel));
+                    health.unhealthy(format!(
+                        "lost the subscription to `{}` on {what}",
+                        self.c.channel
+                    ));
                     continue 'connection;
                 };
                 let msg = Message::bytes(Bytes::copy_from_slice(published.get_payload_bytes()))
                     .with_header(CHANNEL_HEADER, published.get_channel_name());
                 // Nothing to tell Redis either way.
-                let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(AckToken::with_callback(|_| {}))).await;
+                let work = Arc::clone(&ctx.dispatcher)
+                    .admit(msg.with_ack(AckToken::with_callback(|_| {})))
+                    .await;
                 in_flight.spawn(async move {
                     let _ = work.await;
                     drop(permit);
@@ -145,14 +191,28 @@ subscriber fails with `unavailable` instead of being counted as delivered.
 
 /// The `redis_pubsub` sink's spec.
 pub fn sink_spec() -> ComponentSpec {
-    url_field(ComponentSpec::new("redis_pubsub", ComponentKind::Sink, "Publish messages on a Redis pub/sub channel").description(SINK_DESCRIPTION))
-        .field(FieldSpec::new("channel", FieldType::String, "Channel name.").required())
-        .field(FieldSpec::new("require_subscriber", FieldType::Bool, "Fail a message that no subscriber received.").default_value(false))
-        .shorthand("channel")
-        .example("Announce changes", "channel: prices.changed\n")
+    url_field(
+        ComponentSpec::new(
+            "redis_pubsub",
+            ComponentKind::Sink,
+            "Publish messages on a Redis pub/sub channel",
+        )
+        .description(SINK_DESCRIPTION),
+    )
+    .field(FieldSpec::new("channel", FieldType::String, "Channel name.").required())
+    .field(
+        FieldSpec::new(
+            "require_subscriber",
+            FieldType::Bool,
+            "Fail a message that no subscriber received.",
+        )
+        .default_value(false),
+    )
+    .shorthand("channel")
+    .example("Announce changes", "channel: prices.changed\n")
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkConfig {
     #[serde(default = "default_url")]
@@ -184,15 +244,37 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
 impl Sink for PubSubSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
         let mut conn = self.conn.get().await?;
-        let receivers: Result<u64, RedisError> =
-            redis::cmd("PUBLISH").arg(&self.channel).arg(msg.body.as_bytes().as_ref()).query_async(&mut conn).await;
+        let receivers: Result<u64, RedisError> = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(msg.body.as_bytes().as_ref())
+            .query_async(&mut conn)
+            .await;
         match receivers {
             Ok(0) if self.require_subscriber => Err(ProcessError::new(
                 ErrorKind::Unavailable,
-                format!("no subscriber on channel `{}` received the message", self.channel),
+                format!(
+                    "no subscriber on channel `{}` received the message",
+                    self.channel
+                ),
             )),
             Ok(_) => Ok(()),
-            Err(e) => Err(self.conn.failed(&format!("PUBLISH to `{}`", self.channel), &e).await),
+            Err(e) => Err(self
+                .conn
+                .failed(&format!("PUBLISH to `{}`", self.channel), &e)
+                .await),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::assert_defaults_agree;
+    use serde_json::json;
+
+    #[test]
+    fn serde_defaults_match_spec_defaults() {
+        assert_defaults_agree::<SourceConfig>(&source_spec(), json!({"channel": "c"}));
+        assert_defaults_agree::<SinkConfig>(&sink_spec(), json!({"channel": "c"}));
     }
 }

@@ -23,14 +23,21 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store on `url` whose keys are `prefix` + the entry's key; connects on first use.
     pub fn new(url: &str, prefix: &str, health: HealthHandle) -> Result<Self, BuildError> {
-        Ok(RedisStore { prefix: prefix.to_owned(), conn: LazyConnection::new(client(url)?, url.to_owned(), health) })
+        Ok(RedisStore {
+            prefix: prefix.to_owned(),
+            conn: LazyConnection::new(client(url)?, url.to_owned(), health),
+        })
     }
 
     fn key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }
 
-    async fn run<T: redis::FromRedisValue>(&self, what: &str, cmd: &redis::Cmd) -> Result<T, ProcessError> {
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, ProcessError> {
         let mut conn = self.conn.get().await?;
         let result: Result<T, RedisError> = cmd.query_async(&mut conn).await;
         match result {
@@ -49,9 +56,17 @@ fn px(ttl: Duration) -> u64 {
 impl IdempotentRepository for RedisStore {
     async fn try_claim(&self, key: &str, ttl: Duration) -> Result<Claim, ProcessError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key(key)).arg("claimed").arg("NX").arg("PX").arg(px(ttl));
+        cmd.arg(self.key(key))
+            .arg("claimed")
+            .arg("NX")
+            .arg("PX")
+            .arg(px(ttl));
         let set: Option<String> = self.run("claiming a key", &cmd).await?;
-        Ok(if set.is_some() { Claim::Claimed } else { Claim::Duplicate })
+        Ok(if set.is_some() {
+            Claim::Claimed
+        } else {
+            Claim::Duplicate
+        })
     }
 
     async fn confirm(&self, key: &str, ttl: Duration) -> Result<(), ProcessError> {
@@ -84,7 +99,10 @@ impl CacheStore for RedisStore {
 
     async fn put(&self, key: &str, value: CachedValue, ttl: Duration) -> Result<(), ProcessError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key(key)).arg(encode_cached(&value)).arg("PX").arg(px(ttl));
+        cmd.arg(self.key(key))
+            .arg(encode_cached(&value))
+            .arg("PX")
+            .arg(px(ttl));
         self.run::<()>("writing the cache", &cmd).await
     }
 }

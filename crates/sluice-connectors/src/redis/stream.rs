@@ -18,8 +18,8 @@ use serde_json::Value;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    AckToken, BuildContext, BuildError, HealthHandle, Message, Outcome, ProcessError, Sink,
-    Source, SourceContext, SourceError,
+    AckToken, BuildContext, BuildError, HealthHandle, Message, Outcome, ProcessError, Sink, Source,
+    SourceContext, SourceError,
 };
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -62,16 +62,64 @@ pub fn source_spec() -> ComponentSpec {
         .description(SOURCE_DESCRIPTION),
     )
     .field(FieldSpec::new("stream", FieldType::String, "Stream key.").required())
-    .field(FieldSpec::new("group", FieldType::String, "Consumer group; created if missing.").required())
-    .field(FieldSpec::new("consumer", FieldType::String, "This instance's name in the group; keep it stable across restarts.").default_value("sluice"))
-    .field(FieldSpec::new("start", FieldType::String, "Where a newly created group starts: `$` (new entries only) or `0` (the whole stream).").default_value("$"))
-    .field(FieldSpec::new("body_field", FieldType::String, "The entry field holding the body.").default_value("body"))
-    .field(FieldSpec::new("prefetch", FieldType::Integer { min: Some(1), max: Some(65_536) }, "Most entries in flight at once.").default_value(64))
-    .field(FieldSpec::new("claim_idle", FieldType::Duration, "How long an entry stays pending before it is claimed and delivered again.").default_value("1m"))
-    .example("Orders, one group member per instance", "stream: orders\ngroup: billing\nconsumer: billing-1\n")
+    .field(
+        FieldSpec::new(
+            "group",
+            FieldType::String,
+            "Consumer group; created if missing.",
+        )
+        .required(),
+    )
+    .field(
+        FieldSpec::new(
+            "consumer",
+            FieldType::String,
+            "This instance's name in the group; keep it stable across restarts.",
+        )
+        .default_value("sluice"),
+    )
+    .field(
+        FieldSpec::new(
+            "start",
+            FieldType::String,
+            "Where a newly created group starts: `$` (new entries only) or `0` (the whole stream).",
+        )
+        .default_value("$"),
+    )
+    .field(
+        FieldSpec::new(
+            "body_field",
+            FieldType::String,
+            "The entry field holding the body.",
+        )
+        .default_value("body"),
+    )
+    .field(
+        FieldSpec::new(
+            "prefetch",
+            FieldType::Integer {
+                min: Some(1),
+                max: Some(65_536),
+            },
+            "Most entries in flight at once.",
+        )
+        .default_value(64),
+    )
+    .field(
+        FieldSpec::new(
+            "claim_idle",
+            FieldType::Duration,
+            "How long an entry stays pending before it is claimed and delivered again.",
+        )
+        .default_value("1m"),
+    )
+    .example(
+        "Orders, one group member per instance",
+        "stream: orders\ngroup: billing\nconsumer: billing-1\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SourceConfig {
     #[serde(default = "default_url")]
@@ -115,21 +163,34 @@ struct StreamSource {
 }
 
 /// Builds the `redis_stream` source.
-pub fn build_source(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, BuildError> {
+pub fn build_source(
+    config: &Value,
+    _ctx: &BuildContext<'_>,
+) -> Result<Box<dyn Source>, BuildError> {
     let c: SourceConfig = crate::config::parse(config)?;
     let client = client(&c.url)?;
     check_key("stream", &c.stream)?;
     check_key("group", &c.group)?;
     check_key("consumer", &c.consumer)?;
     check_key("body_field", &c.body_field)?;
-    if c.start != "$" && c.start != "0" && !c.start.contains('-') && c.start.parse::<u64>().is_err() {
-        return Err(BuildError::field("start", format!("`{}` is not a stream id; use `$`, `0` or an entry id", c.start)));
+    if c.start != "$" && c.start != "0" && !c.start.contains('-') && c.start.parse::<u64>().is_err()
+    {
+        return Err(BuildError::field(
+            "start",
+            format!(
+                "`{}` is not a stream id; use `$`, `0` or an entry id",
+                c.start
+            ),
+        ));
     }
     if c.prefetch == 0 {
         return Err(BuildError::field("prefetch", "must be at least 1"));
     }
     if c.claim_idle.0 < Duration::from_secs(1) {
-        return Err(BuildError::field("claim_idle", "must be at least 1s, longer than the flow takes per message"));
+        return Err(BuildError::field(
+            "claim_idle",
+            "must be at least 1s, longer than the flow takes per message",
+        ));
     }
     Ok(Box::new(StreamSource { c, client }))
 }
@@ -144,7 +205,9 @@ impl StreamSource {
     async fn open(&self) -> Result<Connections, RedisError> {
         let mut read = connect(&self.client, true).await?;
         let ack = connect(&self.client, false).await?;
-        let created: Result<(), RedisError> = read.xgroup_create_mkstream(&self.c.stream, &self.c.group, &self.c.start).await;
+        let created: Result<(), RedisError> = read
+            .xgroup_create_mkstream(&self.c.stream, &self.c.group, &self.c.start)
+            .await;
         if let Err(e) = created
             && e.code() != Some("BUSYGROUP")
         {
@@ -154,7 +217,13 @@ impl StreamSource {
     }
 
     /// Entries to deliver: stale ones claimed from the group when due, else the next read.
-    async fn next_batch(&self, conns: &mut Connections, count: usize, own_pending: &mut bool, claim: &mut Claimer) -> Result<Vec<StreamId>, RedisError> {
+    async fn next_batch(
+        &self,
+        conns: &mut Connections,
+        count: usize,
+        own_pending: &mut bool,
+        claim: &mut Claimer,
+    ) -> Result<Vec<StreamId>, RedisError> {
         if claim.due() {
             let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(&self.c.stream)
@@ -172,12 +241,19 @@ impl StreamSource {
             }
         }
         let id = if *own_pending { "0" } else { ">" };
-        let mut options = StreamReadOptions::default().group(&self.c.group, &self.c.consumer).count(count);
+        let mut options = StreamReadOptions::default()
+            .group(&self.c.group, &self.c.consumer)
+            .count(count);
         if !*own_pending {
             options = options.block(usize::try_from(BLOCK.as_millis()).unwrap_or(500));
         }
-        let reply: Option<StreamReadReply> = conns.read.xread_options(&[&self.c.stream], &[id], &options).await?;
-        let entries: Vec<StreamId> = reply.map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect()).unwrap_or_default();
+        let reply: Option<StreamReadReply> = conns
+            .read
+            .xread_options(&[&self.c.stream], &[id], &options)
+            .await?;
+        let entries: Vec<StreamId> = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default();
         if *own_pending && entries.len() < count {
             // The history of this consumer is exhausted: new entries from now on.
             *own_pending = false;
@@ -217,9 +293,18 @@ impl Source for StreamSource {
         let permits = Arc::new(Semaphore::new(self.c.prefetch));
         let mut in_flight = JoinSet::new();
         let every = (self.c.claim_idle.0 / 2).max(Duration::from_millis(500));
-        let mut claim = Claimer { every, next: tokio::time::Instant::now() + every, cursor: "0-0".into() };
+        let mut claim = Claimer {
+            every,
+            next: tokio::time::Instant::now() + every,
+            cursor: "0-0".into(),
+        };
         'connection: loop {
-            let Some(mut conns) = reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open()).await else { break };
+            let Some(mut conns) =
+                reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open())
+                    .await
+            else {
+                break;
+            };
             let mut own_pending = true;
             tracing::info!(flow = %ctx.flow, stream = %self.c.stream, group = %self.c.group, service = %what, "reading");
             loop {
@@ -240,7 +325,10 @@ impl Source for StreamSource {
                     Ok(entries) => entries,
                     Err(e) => {
                         tracing::warn!(flow = %ctx.flow, stream = %self.c.stream, error = %e, "reading the stream failed; reconnecting");
-                        health.unhealthy(format!("reading stream `{}` on {what} failed: {e}", self.c.stream));
+                        health.unhealthy(format!(
+                            "reading stream `{}` on {what} failed: {e}",
+                            self.c.stream
+                        ));
                         drop(slots);
                         tokio::select! {
                             () = ctx.shutdown.cancelled() => break 'connection,
@@ -251,10 +339,17 @@ impl Source for StreamSource {
                 };
                 for (entry, slot) in entries.into_iter().zip(slots) {
                     let ack_conn = conns.ack.clone();
-                    let (stream, group, flow) = (self.c.stream.clone(), self.c.group.clone(), Arc::clone(&ctx.flow));
+                    let (stream, group, flow) = (
+                        self.c.stream.clone(),
+                        self.c.group.clone(),
+                        Arc::clone(&ctx.flow),
+                    );
                     if entry.map.is_empty() {
                         // Deleted while pending: there is nothing to deliver.
-                        in_flight.spawn(async move { xack(ack_conn, &stream, &group, &entry.id, &flow).await; drop(slot); });
+                        in_flight.spawn(async move {
+                            xack(ack_conn, &stream, &group, &entry.id, &flow).await;
+                            drop(slot);
+                        });
                         continue;
                     }
                     let msg = to_message(&self.c.stream, &self.c.body_field, &entry);
@@ -290,7 +385,9 @@ fn to_message(stream: &str, body_field: &str, entry: &StreamId) -> Message {
     let mut body = bytes::Bytes::new();
     let mut headers = HashMap::new();
     for (field, value) in &entry.map {
-        let RedisValue::BulkString(bytes) = value else { continue };
+        let RedisValue::BulkString(bytes) = value else {
+            continue;
+        };
         if field == body_field {
             body = bytes::Bytes::copy_from_slice(bytes);
         } else if let Ok(text) = std::str::from_utf8(bytes) {
@@ -299,7 +396,8 @@ fn to_message(stream: &str, body_field: &str, entry: &StreamId) -> Message {
     }
     let mut msg = Message::bytes(body);
     msg.headers.extend(headers);
-    msg.headers.insert(STREAM_HEADER.to_owned(), stream.to_owned());
+    msg.headers
+        .insert(STREAM_HEADER.to_owned(), stream.to_owned());
     msg.headers.insert(ID_HEADER.to_owned(), entry.id.clone());
     msg
 }
@@ -319,15 +417,39 @@ the default persistence an entry acknowledged just before a Redis crash can be l
 
 /// The `redis_stream` sink's spec.
 pub fn sink_spec() -> ComponentSpec {
-    url_field(ComponentSpec::new("redis_stream", ComponentKind::Sink, "Append messages to a Redis stream (XADD)").description(SINK_DESCRIPTION))
-        .field(FieldSpec::new("stream", FieldType::String, "Stream key.").required())
-        .field(FieldSpec::new("body_field", FieldType::String, "The entry field for the body.").default_value("body"))
-        .field(FieldSpec::new("max_len", FieldType::Integer { min: Some(1), max: None }, "Trim the stream to about this many entries."))
-        .shorthand("stream")
-        .example("Append orders, keeping about a million", "stream: orders\nmax_len: 1000000\n")
+    url_field(
+        ComponentSpec::new(
+            "redis_stream",
+            ComponentKind::Sink,
+            "Append messages to a Redis stream (XADD)",
+        )
+        .description(SINK_DESCRIPTION),
+    )
+    .field(FieldSpec::new("stream", FieldType::String, "Stream key.").required())
+    .field(
+        FieldSpec::new(
+            "body_field",
+            FieldType::String,
+            "The entry field for the body.",
+        )
+        .default_value("body"),
+    )
+    .field(FieldSpec::new(
+        "max_len",
+        FieldType::Integer {
+            min: Some(1),
+            max: None,
+        },
+        "Trim the stream to about this many entries.",
+    ))
+    .shorthand("stream")
+    .example(
+        "Append orders, keeping about a million",
+        "stream: orders\nmax_len: 1000000\n",
+    )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SinkConfig {
     #[serde(default = "default_url")]
@@ -372,7 +494,9 @@ impl Sink for StreamSink {
         if let Some(max) = self.max_len {
             cmd.arg("MAXLEN").arg("~").arg(max);
         }
-        cmd.arg("*").arg(&self.body_field).arg(msg.body.as_bytes().as_ref());
+        cmd.arg("*")
+            .arg(&self.body_field)
+            .arg(msg.body.as_bytes().as_ref());
         for (name, value) in &msg.headers {
             if !name.starts_with("redis.") && name != &self.body_field {
                 cmd.arg(name).arg(value);
@@ -381,7 +505,10 @@ impl Sink for StreamSink {
         let added: Result<String, RedisError> = cmd.query_async(&mut conn).await;
         match added {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.conn.failed(&format!("XADD to `{}`", self.stream), &e).await),
+            Err(e) => Err(self
+                .conn
+                .failed(&format!("XADD to `{}`", self.stream), &e)
+                .await),
         }
     }
 }
@@ -391,12 +518,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn serde_defaults_match_spec_defaults() {
+        use crate::config::assert_defaults_agree;
+        let source = serde_json::json!({"stream": "s", "group": "g"});
+        assert_defaults_agree::<SourceConfig>(&source_spec(), source);
+        assert_defaults_agree::<SinkConfig>(&sink_spec(), serde_json::json!({"stream": "s"}));
+    }
+
+    #[test]
     fn entries_map_to_body_and_headers() {
         let mut map = HashMap::new();
-        map.insert("body".to_owned(), RedisValue::BulkString(b"{\"a\":1}".to_vec()));
+        map.insert(
+            "body".to_owned(),
+            RedisValue::BulkString(b"{\"a\":1}".to_vec()),
+        );
         map.insert("trace".to_owned(), RedisValue::BulkString(b"t1".to_vec()));
         map.insert("bin".to_owned(), RedisValue::BulkString(vec![0xff]));
-        let entry = StreamId { id: "1-0".into(), map, ..Default::default() };
+        let entry = StreamId {
+            id: "1-0".into(),
+            map,
+            ..Default::default()
+        };
         let msg = to_message("orders", "body", &entry);
         assert_eq!(msg.body.as_bytes().as_ref(), b"{\"a\":1}");
         assert_eq!(msg.headers["trace"], "t1");
