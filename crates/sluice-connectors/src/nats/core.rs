@@ -357,7 +357,7 @@ impl Sink for NatsSink {
 
 /// Refuses a body larger than the server accepts, before the server closes the connection for it.
 fn check_size(client: &async_nats::Client, msg: &Message) -> Result<(), ProcessError> {
-    let max = usize::try_from(client.server_info().max_payload).unwrap_or(usize::MAX);
+    let max = client.server_info().max_payload;
     if max > 0 && msg.body.len() > max {
         return Err(ProcessError::invalid_input(format!(
             "the body is {} bytes, more than the server's max_payload of {max}",
