@@ -348,10 +348,15 @@ impl Sink for NatsSink {
             .publish_with_headers(subject, headers_to_nats(msg), msg.body.as_bytes().clone())
             .await
             .map_err(|e| unavailable(&self.url, "publishing", e))?;
-        client
-            .flush()
-            .await
-            .map_err(|e| unavailable(&self.url, "flushing", e))
+        // While disconnected the client holds the message and the flush waits: bounded here.
+        match tokio::time::timeout(super::FLUSH_TIMEOUT, client.flush()).await {
+            Ok(flushed) => flushed.map_err(|e| unavailable(&self.url, "flushing", e)),
+            Err(_) => Err(unavailable(
+                &self.url,
+                "publishing",
+                "the server did not confirm within 5s (disconnected?)",
+            )),
+        }
     }
 }
 

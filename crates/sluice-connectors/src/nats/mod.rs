@@ -15,6 +15,8 @@ use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use sluice_core::spec::{ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{BuildError, ErrorKind, Headers, HealthHandle, Message, ProcessError};
 
+use crate::reconnect::Backoff;
+
 /// Default server address.
 pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 
@@ -22,6 +24,9 @@ pub const DEFAULT_URL: &str = "nats://127.0.0.1:4222";
 pub const SUBJECT_HEADER: &str = "nats.subject";
 /// Header with the reply subject of a core NATS request.
 pub const REPLY_HEADER: &str = "nats.reply";
+
+/// How long a publish may wait for the server to confirm it received the message.
+pub(crate) const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -103,6 +108,7 @@ pub(crate) async fn connect(
     let mut options = ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(move |event| {
             let events = events.clone();
             let what = what.clone();
@@ -121,6 +127,17 @@ pub(crate) async fn connect(
     }
     let addrs: Vec<&str> = url.split(',').map(str::trim).collect();
     options.connect(addrs).await
+}
+
+/// The wait before async-nats's reconnect attempt `attempts`: the shared policy of
+/// [`crate::reconnect`] (100 ms doubling to 1 s, jittered) instead of the client's own, slower
+/// one, so a restarted server is used again within about a second.
+fn reconnect_delay(attempts: usize) -> Duration {
+    let mut backoff = Backoff::default();
+    for _ in 0..attempts.min(20) {
+        backoff.next_delay();
+    }
+    backoff.next_delay()
 }
 
 /// `NATS at <url>` without credentials, for logs and health reports.
@@ -244,6 +261,18 @@ mod tests {
         assert!(check_subject("subject", "orders.>", false).is_err());
         assert!(check_subject("subject", "orders..x", true).is_err());
         assert!(check_subject("subject", "a b", true).is_err());
+    }
+
+    #[test]
+    fn reconnects_follow_the_shared_capped_backoff() {
+        assert!(reconnect_delay(0) <= Duration::from_millis(100));
+        for attempts in [5, 50, usize::MAX] {
+            let d = reconnect_delay(attempts);
+            assert!(
+                d >= Duration::from_millis(500) && d <= Duration::from_secs(1),
+                "{d:?}"
+            );
+        }
     }
 
     #[test]

@@ -13,3 +13,5 @@ mod support;
 mod conformance;
 
 mod http;
+mod nats;
+mod redis;
