@@ -501,3 +501,39 @@ async fn kv_bucket_is_an_idempotency_repository_and_a_cache() {
     assert_eq!(CacheStore::get(&*kv, "gone").await.unwrap(), None);
     js_context().await.delete_key_value(&bucket).await.unwrap();
 }
+
+#[tokio::test]
+async fn jetstream_keeps_pace_one_message_at_a_time() {
+    if !up().await {
+        return;
+    }
+    let res = resources();
+    let stream = unique("IT");
+    let subject = unique("it.js");
+    publish(&res, &stream, &subject, 0).await;
+    let dispatch = TestDispatch::echo();
+    let source = build_source(
+        "jetstream",
+        json!({"stream": stream, "consumer": "c1", "prefetch": 1}),
+        &res,
+    )
+    .unwrap();
+    let (ctx, shutdown) = source_ctx(dispatch.clone(), &res, "js");
+    let started = std::time::Instant::now();
+    let task = tokio::spawn(source.run(ctx));
+    // Published while the consumer waits, as another application would.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish(&res, &stream, &subject, 200).await;
+    eventually("200 deliveries", || dispatch.count() >= 200).await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "200 messages took {took:?}");
+    let order: Vec<u64> = dispatch
+        .seen()
+        .iter()
+        .map(|m| m.body.json().unwrap()["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(order, (0..200).collect::<Vec<u64>>());
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    js_context().await.delete_stream(&stream).await.unwrap();
+}

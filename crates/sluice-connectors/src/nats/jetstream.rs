@@ -61,8 +61,10 @@ a `dead_letter:` (for example `dead_letter_store`): the flow's error handling wr
 letter first and the message is then acknowledged. A message whose processing outlasts \
 `ack_wait` (or a crash) is redelivered by the server; make targets idempotent.
 
-**Limits.** At most `prefetch` messages are unacknowledged at once (the consumer's \
-`max_ack_pending` when Sluice creates it). Long steps do not extend `ack_wait` (no progress \
+**Limits.** At most `prefetch` messages are in the flow at once, and about as many more are \
+pulled ahead (a consumer Sluice creates allows 1000 unacknowledged messages, or 4 x `prefetch` \
+if more; an existing consumer whose `max_ack_pending` is as low as `prefetch` can stall until \
+its pull requests expire). Long steps do not extend `ack_wait` (no progress \
 acks): keep it above the flow's longest processing time. Multi-valued headers keep their first \
 value. Credentials: user and password in `url`, or `token`.";
 
@@ -221,7 +223,11 @@ impl JetStreamSource {
             ack_policy: AckPolicy::Explicit,
             ack_wait: c.ack_wait.0,
             max_deliver: c.max_deliver,
-            max_ack_pending: i64::try_from(c.prefetch).unwrap_or(i64::MAX),
+            // Not tied to `prefetch`: the pull stream asks for the next batch while the last
+            // message is still being acknowledged, and a consumer at its max_ack_pending leaves
+            // that request waiting until it expires (a stall seen with prefetch 1).
+            max_ack_pending: i64::try_from(c.prefetch.saturating_mul(4).max(1000))
+                .unwrap_or(i64::MAX),
             filter_subject: c.filter_subject.clone().unwrap_or_default(),
             ..Default::default()
         };

@@ -221,7 +221,7 @@ impl StreamSource {
         &self,
         conns: &mut Connections,
         count: usize,
-        own_pending: &mut bool,
+        own_pending: &mut Option<String>,
         claim: &mut Claimer,
     ) -> Result<Vec<StreamId>, RedisError> {
         if claim.due() {
@@ -240,11 +240,13 @@ impl StreamSource {
                 return Ok(reply.claimed);
             }
         }
-        let id = if *own_pending { "0" } else { ">" };
+        // This consumer's own pending entries after `own_pending` (a position in them, so entries
+        // still in the flow are not read over and over), then new ones.
+        let id = own_pending.clone().unwrap_or_else(|| ">".to_owned());
         let mut options = StreamReadOptions::default()
             .group(&self.c.group, &self.c.consumer)
             .count(count);
-        if !*own_pending {
+        if own_pending.is_none() {
             options = options.block(usize::try_from(BLOCK.as_millis()).unwrap_or(500));
         }
         let reply: Option<StreamReadReply> = conns
@@ -254,9 +256,12 @@ impl StreamSource {
         let entries: Vec<StreamId> = reply
             .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
             .unwrap_or_default();
-        if *own_pending && entries.len() < count {
-            // The history of this consumer is exhausted: new entries from now on.
-            *own_pending = false;
+        if own_pending.is_some() {
+            *own_pending = match entries.last() {
+                Some(last) if entries.len() >= count => Some(last.id.clone()),
+                // The history of this consumer is exhausted: new entries from now on.
+                _ => None,
+            };
         }
         // Entries deleted while pending come back without fields: nothing to deliver, just ack.
         Ok(entries)
@@ -298,6 +303,8 @@ impl Source for StreamSource {
             next: tokio::time::Instant::now() + every,
             cursor: "0-0".into(),
         };
+        let unacked = Unacked::default();
+        let busy: Busy = Arc::default();
         'connection: loop {
             let Some(mut conns) =
                 reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open())
@@ -305,10 +312,11 @@ impl Source for StreamSource {
             else {
                 break;
             };
-            let mut own_pending = true;
+            let mut own_pending = Some("0".to_owned());
             tracing::info!(flow = %ctx.flow, stream = %self.c.stream, group = %self.c.group, service = %what, "reading");
             loop {
                 while in_flight.try_join_next().is_some() {}
+                retry_acks(&mut conns.ack, &self.c.stream, &self.c.group, &unacked).await;
                 let first = tokio::select! {
                     () = ctx.shutdown.cancelled() => break 'connection,
                     p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break 'connection },
@@ -338,16 +346,27 @@ impl Source for StreamSource {
                     }
                 };
                 for (entry, slot) in entries.into_iter().zip(slots) {
+                    // Re-read pending entries and claimed ones may still be in this flow: one
+                    // delivery at a time per entry.
+                    let fresh = busy
+                        .lock()
+                        .is_ok_and(|mut ids| ids.insert(entry.id.clone()));
+                    if !fresh {
+                        continue;
+                    }
                     let ack_conn = conns.ack.clone();
-                    let (stream, group, flow) = (
+                    let (stream, group, flow, unacked, busy) = (
                         self.c.stream.clone(),
                         self.c.group.clone(),
                         Arc::clone(&ctx.flow),
+                        Arc::clone(&unacked),
+                        Arc::clone(&busy),
                     );
                     if entry.map.is_empty() {
                         // Deleted while pending: there is nothing to deliver.
                         in_flight.spawn(async move {
-                            xack(ack_conn, &stream, &group, &entry.id, &flow).await;
+                            xack(ack_conn, &stream, &group, &entry.id, &unacked).await;
+                            release(&busy, &entry.id);
                             drop(slot);
                         });
                         continue;
@@ -357,11 +376,21 @@ impl Source for StreamSource {
                     let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
                     in_flight.spawn(async move {
                         let _ = work.await;
-                        let outcome = outcome.await.unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
+                        let outcome = outcome.await.unwrap_or_else(|_| {
+                            Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into())
+                        });
                         match outcome {
-                            Outcome::Ack => xack(ack_conn, &stream, &group, &entry.id, &flow).await,
-                            Outcome::Nack(reason) => tracing::debug!(flow = %flow, id = %entry.id, %reason, "stream entry failed; it stays pending and is claimed again later"),
+                            Outcome::Ack => {
+                                xack(ack_conn, &stream, &group, &entry.id, &unacked).await;
+                            }
+                            Outcome::Nack(reason) => tracing::debug!(
+                                flow = %flow,
+                                id = %entry.id,
+                                %reason,
+                                "stream entry failed; it stays pending and is claimed again later"
+                            ),
                         }
+                        release(&busy, &entry.id);
                         drop(slot);
                     });
                 }
@@ -372,11 +401,57 @@ impl Source for StreamSource {
     }
 }
 
-async fn xack(mut conn: MultiplexedConnection, stream: &str, group: &str, id: &str, flow: &str) {
+/// Ids whose XACK failed (the connection broke): acknowledged again on the next connection, so
+/// an entry already committed is not delivered a second time when the source re-reads its
+/// pending entries.
+type Unacked = Arc<std::sync::Mutex<Vec<String>>>;
+
+async fn xack(
+    mut conn: MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    id: &str,
+    unacked: &Unacked,
+) {
     let result: Result<u64, RedisError> = conn.xack(stream, group, &[id]).await;
     if let Err(e) = result {
-        // The entry stays pending and is claimed again: at-least-once still holds.
-        tracing::warn!(flow, stream, id, error = %e, "cannot acknowledge the stream entry; it will be delivered again");
+        tracing::debug!(stream, id, error = %e, "cannot acknowledge the stream entry now; trying again after reconnecting");
+        if let Ok(mut ids) = unacked.lock() {
+            ids.push(id.to_owned());
+        }
+    }
+}
+
+/// Ids of the entries in the flow now.
+type Busy = Arc<std::sync::Mutex<std::collections::HashSet<String>>>;
+
+fn release(busy: &Busy, id: &str) {
+    if let Ok(mut ids) = busy.lock() {
+        ids.remove(id);
+    }
+}
+
+/// Acknowledges the ids an earlier XACK could not; those that fail again stay for the next try.
+async fn retry_acks(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    unacked: &Unacked,
+) {
+    let ids: Vec<String> = match unacked.lock() {
+        Ok(mut ids) => std::mem::take(&mut *ids),
+        Err(_) => return,
+    };
+    if ids.is_empty() {
+        return;
+    }
+    let result: Result<u64, RedisError> = conn.xack(stream, group, &ids).await;
+    if let Err(e) = result {
+        // Still pending: claimed or re-read later, so at-least-once holds either way.
+        tracing::warn!(stream, count = ids.len(), error = %e, "cannot acknowledge stream entries; they may be delivered again");
+        if let Ok(mut pending) = unacked.lock() {
+            pending.extend(ids);
+        }
     }
 }
 
