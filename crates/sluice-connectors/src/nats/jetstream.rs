@@ -40,6 +40,11 @@ pub const DELIVERED_HEADER: &str = "nats.delivered";
 /// The JetStream de-duplication header.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
+/// How long one pull request waits on the server for messages.
+const PULL_WAIT: Duration = Duration::from_secs(1);
+/// How much longer the source waits for the server to end a pull request.
+const PULL_GRACE: Duration = Duration::from_secs(1);
+
 /// The longest a nacked message waits before its redelivery.
 const MAX_NAK_DELAY: Duration = Duration::from_secs(300);
 
@@ -61,10 +66,9 @@ a `dead_letter:` (for example `dead_letter_store`): the flow's error handling wr
 letter first and the message is then acknowledged. A message whose processing outlasts \
 `ack_wait` (or a crash) is redelivered by the server; make targets idempotent.
 
-**Limits.** At most `prefetch` messages are in the flow at once, and about as many more are \
-pulled ahead (a consumer Sluice creates allows 1000 unacknowledged messages, or 4 x `prefetch` \
-if more; an existing consumer whose `max_ack_pending` is as low as `prefetch` can stall until \
-its pull requests expire). Long steps do not extend `ack_wait` (no progress \
+**Limits.** At most `prefetch` messages are unacknowledged at once: the source pulls only as \
+many as the flow has room for (and a consumer Sluice creates has `max_ack_pending` = \
+`prefetch`). Long steps do not extend `ack_wait` (no progress \
 acks): keep it above the flow's longest processing time. Multi-valued headers keep their first \
 value. Credentials: user and password in `url`, or `token`.";
 
@@ -288,82 +292,108 @@ impl Source for JetStreamSource {
             let Some((_client, consumer)) = opened else {
                 break;
             };
-            let messages = consumer
-                .stream()
-                .max_messages_per_batch(self.c.prefetch)
-                .messages()
-                .await;
-            let mut messages = match messages {
-                Ok(m) => m,
-                Err(e) => {
-                    health.unhealthy(format!(
-                        "cannot pull from consumer `{}` on {what}: {e}",
-                        self.c.consumer
-                    ));
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
-            };
             tracing::info!(flow = %ctx.flow, stream = %self.c.stream, consumer = %self.c.consumer, service = %what, "consuming");
             loop {
                 while in_flight.try_join_next().is_some() {}
-                let permit = tokio::select! {
+                let first = tokio::select! {
                     () = ctx.shutdown.cancelled() => break 'connection,
                     p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break 'connection },
                 };
-                let next = tokio::select! {
-                    () = ctx.shutdown.cancelled() => break 'connection,
-                    m = messages.next() => m,
-                };
-                let incoming = match next {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        // Heartbeats missed or the consumer was deleted: start the pull again.
-                        tracing::warn!(flow = %ctx.flow, consumer = %self.c.consumer, error = %e, "pulling from JetStream failed; starting again");
+                let mut slots = vec![first];
+                while let Ok(p) = Arc::clone(&permits).try_acquire_owned() {
+                    slots.push(p);
+                }
+                // One pull request per round for exactly the free slots: nothing is pulled that
+                // the flow cannot take now, and no request outlives its round (the client's
+                // long-running pull stream could lose count of its requests and stall).
+                let batch = consumer
+                    .batch()
+                    .max_messages(slots.len())
+                    .expires(PULL_WAIT)
+                    .messages()
+                    .await;
+                let mut batch = match batch {
+                    Ok(batch) => batch,
+                    Err(e) => {
                         health.unhealthy(format!(
                             "pulling from consumer `{}` on {what} failed: {e}",
                             self.c.consumer
                         ));
-                        drop(permit);
+                        drop(slots);
                         tokio::select! {
                             () = ctx.shutdown.cancelled() => break 'connection,
                             () = tokio::time::sleep(backoff.next_delay()) => {}
                         }
                         continue 'connection;
                     }
-                    None => continue 'connection,
                 };
-                backoff.reset();
-                let (msg, delivered) = to_message(&incoming);
-                let (token, outcome) = AckToken::channel();
-                let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
-                let (max_deliver, nak_delay, flow) = (
-                    self.c.max_deliver,
-                    self.c.nak_delay.0,
-                    Arc::clone(&ctx.flow),
-                );
-                in_flight.spawn(async move {
-                    let _ = work.await;
-                    let outcome = outcome.await.unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
-                    let answer = settlement(&outcome, delivered, max_deliver, nak_delay);
-                    let result = match &answer {
-                        Settlement::Ack => incoming.double_ack().await,
-                        Settlement::Nak(delay) => incoming.ack_with(AckKind::Nak(Some(*delay))).await,
-                        Settlement::Term => {
-                            tracing::warn!(flow = %flow, delivered, max_deliver, reason = ?outcome, "JetStream message failed on its last delivery; terminated");
-                            incoming.ack_with(AckKind::Term).await
-                        }
+                // A request lost to a reconnect is never answered: the round ends anyway.
+                let deadline = tokio::time::Instant::now() + PULL_WAIT + PULL_GRACE;
+                loop {
+                    let next = tokio::select! {
+                        () = ctx.shutdown.cancelled() => break 'connection,
+                        () = tokio::time::sleep_until(deadline) => None,
+                        m = batch.next() => m,
                     };
-                    if let Err(e) = result {
-                        // The server redelivers after ack_wait: at-least-once still holds.
-                        tracing::warn!(flow = %flow, error = %e, ?answer, "cannot settle the JetStream message; the server will redeliver it");
-                    }
-                    drop(permit);
-                });
+                    let incoming = match next {
+                        Some(Ok(m)) => m,
+                        Some(Err(e)) => {
+                            tracing::debug!(flow = %ctx.flow, consumer = %self.c.consumer, error = %e, "pull request ended with an error");
+                            break;
+                        }
+                        None => break,
+                    };
+                    let Some(permit) = slots.pop() else {
+                        // The server sends at most what was asked; anything more is redelivered.
+                        break;
+                    };
+                    backoff.reset();
+                    self.admit(incoming, permit, &ctx, &mut in_flight).await;
+                }
             }
         }
         while in_flight.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+impl JetStreamSource {
+    /// Hands one message to the flow and settles it with the server once the flow is done.
+    async fn admit(
+        &self,
+        incoming: jetstream::Message,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        ctx: &SourceContext,
+        in_flight: &mut JoinSet<()>,
+    ) {
+        let (msg, delivered) = to_message(&incoming);
+        let (token, outcome) = AckToken::channel();
+        let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
+        let (max_deliver, nak_delay, flow) = (
+            self.c.max_deliver,
+            self.c.nak_delay.0,
+            Arc::clone(&ctx.flow),
+        );
+        in_flight.spawn(async move {
+            let _ = work.await;
+            let outcome = outcome
+                .await
+                .unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
+            let answer = settlement(&outcome, delivered, max_deliver, nak_delay);
+            let result = match &answer {
+                Settlement::Ack => incoming.double_ack().await,
+                Settlement::Nak(delay) => incoming.ack_with(AckKind::Nak(Some(*delay))).await,
+                Settlement::Term => {
+                    tracing::warn!(flow = %flow, delivered, max_deliver, reason = ?outcome, "JetStream message failed on its last delivery; terminated");
+                    incoming.ack_with(AckKind::Term).await
+                }
+            };
+            if let Err(e) = result {
+                // The server redelivers after ack_wait: at-least-once still holds.
+                tracing::warn!(flow = %flow, error = %e, ?answer, "cannot settle the JetStream message; the server will redeliver it");
+            }
+            drop(permit);
+        });
     }
 }
 
