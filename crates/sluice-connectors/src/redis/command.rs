@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::RedisError;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;
@@ -180,26 +179,23 @@ impl RedisCommand {
             Ok(key) => key,
             Err(e) => return Err((msg, e)),
         };
-        let mut conn = match self.conn.get().await {
-            Ok(c) => c,
-            Err(e) => return Err((msg, e)),
-        };
         let ms = self
             .ttl
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-        let done: Result<Done, RedisError> = match self.command {
-            Command::Get => redis::cmd("GET")
-                .arg(&key)
-                .query_async(&mut conn)
-                .await
-                .map(Done::Value),
+        let what = format!("{:?} `{key}`", self.command).to_uppercase();
+        let done: Result<Done, ProcessError> = match self.command {
+            Command::Get => {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(&key);
+                self.conn.query(&what, &cmd).await.map(Done::Value)
+            }
             Command::Set => {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(&key).arg(msg.body.as_bytes().as_ref());
                 if let Some(ms) = ms {
                     cmd.arg("PX").arg(ms);
                 }
-                cmd.query_async::<()>(&mut conn).await.map(|()| Done::Set)
+                self.conn.query::<()>(&what, &cmd).await.map(|()| Done::Set)
             }
             Command::Incr => {
                 let mut pipe = redis::pipe();
@@ -208,7 +204,8 @@ impl RedisCommand {
                     // NX: only a key without expiry (just created) gets one: a fixed window.
                     pipe.cmd("PEXPIRE").arg(&key).arg(ms).arg("NX").ignore();
                 }
-                pipe.query_async::<(i64,)>(&mut conn)
+                self.conn
+                    .query_pipe::<(i64,)>(&what, &pipe)
                     .await
                     .map(|(v,)| Done::Count(v))
             }
@@ -220,13 +217,7 @@ impl RedisCommand {
             Ok(Done::Value(None)) => Ok(msg.with_header(FOUND_HEADER, "false")),
             Ok(Done::Set) => Ok(msg),
             Ok(Done::Count(v)) => Ok(msg.with_header(VALUE_HEADER, v.to_string())),
-            Err(e) => {
-                let error = self
-                    .conn
-                    .failed(&format!("{:?} `{key}`", self.command).to_uppercase(), &e)
-                    .await;
-                Err((msg, error))
-            }
+            Err(e) => Err((msg, e)),
         }
     }
 }

@@ -141,10 +141,17 @@ pub fn build_source(
 }
 
 impl ListSource {
-    /// Connects, then gives back what an earlier run left in the processing list.
-    async fn open(&self) -> Result<(MultiplexedConnection, MultiplexedConnection), RedisError> {
+    /// Connects; the first time, gives back what an earlier run left in the processing list
+    /// (after a reconnect the elements there are this run's, still in its flow).
+    async fn open(
+        &self,
+        recover: bool,
+    ) -> Result<(MultiplexedConnection, MultiplexedConnection), RedisError> {
         let read = connect(&self.client, true).await?;
         let mut settle = connect(&self.client, false).await?;
+        if !recover {
+            return Ok((read, settle));
+        }
         let mut recovered = 0usize;
         // Newest first from the processing list's left, each to the queue's right end (its
         // head): the oldest ends up first in line again.
@@ -176,16 +183,22 @@ impl Source for ListSource {
         let mut backoff = Backoff::default();
         let permits = Arc::new(Semaphore::new(self.prefetch));
         let mut in_flight = JoinSet::new();
+        let unsettled = Unsettled::default();
+        let mut first = true;
         'connection: loop {
-            let Some((mut read, settle)) =
-                reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || self.open())
-                    .await
+            let Some((mut read, mut settle)) =
+                reconnect::connect(&what, &health, &ctx.shutdown, &mut backoff, || {
+                    self.open(first)
+                })
+                .await
             else {
                 break;
             };
+            first = false;
             tracing::info!(flow = %ctx.flow, list = %self.list, service = %what, "consuming");
             loop {
                 while in_flight.try_join_next().is_some() {}
+                retry_settlements(&mut settle, &self.list, &self.processing, &unsettled).await;
                 let permit = tokio::select! {
                     () = ctx.shutdown.cancelled() => break 'connection,
                     p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break 'connection },
@@ -221,28 +234,24 @@ impl Source for ListSource {
                     .with_header(LIST_HEADER, self.list.clone());
                 let (token, outcome) = AckToken::channel();
                 let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
-                let (mut conn, list, processing, flow) = (
+                let (conn, list, processing, unsettled) = (
                     settle.clone(),
                     self.list.clone(),
                     self.processing.clone(),
-                    Arc::clone(&ctx.flow),
+                    Arc::clone(&unsettled),
                 );
                 in_flight.spawn(async move {
                     let _ = work.await;
-                    let outcome = outcome.await.unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
-                    let result: Result<(), RedisError> = match &outcome {
-                        Outcome::Ack => redis::cmd("LREM").arg(&processing).arg(-1).arg(&element).query_async(&mut conn).await,
-                        Outcome::Nack(_) => redis::pipe()
-                            .atomic()
-                            .cmd("LREM").arg(&processing).arg(-1).arg(&element).ignore()
-                            .cmd("LPUSH").arg(&list).arg(&element).ignore()
-                            .query_async(&mut conn)
-                            .await,
-                    };
-                    if let Err(e) = result {
-                        // The element stays in the processing list and is given back at the
-                        // next start: at-least-once still holds.
-                        tracing::warn!(flow = %flow, list = %list, error = %e, ?outcome, "cannot settle the list element; it stays in the processing list");
+                    let outcome = outcome.await.unwrap_or_else(|_| {
+                        Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into())
+                    });
+                    let settlement = (element, outcome.is_ack());
+                    if settle_element(conn, &list, &processing, &settlement)
+                        .await
+                        .is_err()
+                        && let Ok(mut pending) = unsettled.lock()
+                    {
+                        pending.push(settlement);
                     }
                     drop(permit);
                 });
@@ -250,6 +259,65 @@ impl Source for ListSource {
         }
         while in_flight.join_next().await.is_some() {}
         Ok(())
+    }
+}
+
+/// Elements whose settlement failed (the connection broke), with whether they were acknowledged:
+/// settled again on the next connection, so they are neither left in the processing list nor
+/// given back at the next start.
+type Unsettled = Arc<std::sync::Mutex<Vec<(Vec<u8>, bool)>>>;
+
+/// Removes the element from the processing list (`acked`), or moves it back to the queue's far
+/// end in one transaction.
+async fn settle_element(
+    mut conn: MultiplexedConnection,
+    list: &str,
+    processing: &str,
+    (element, acked): &(Vec<u8>, bool),
+) -> Result<(), RedisError> {
+    if *acked {
+        redis::cmd("LREM")
+            .arg(processing)
+            .arg(-1)
+            .arg(element)
+            .query_async(&mut conn)
+            .await
+    } else {
+        redis::pipe()
+            .atomic()
+            .cmd("LREM")
+            .arg(processing)
+            .arg(-1)
+            .arg(element)
+            .ignore()
+            .cmd("LPUSH")
+            .arg(list)
+            .arg(element)
+            .ignore()
+            .query_async(&mut conn)
+            .await
+    }
+}
+
+async fn retry_settlements(
+    conn: &mut MultiplexedConnection,
+    list: &str,
+    processing: &str,
+    unsettled: &Unsettled,
+) {
+    let pending = match unsettled.lock() {
+        Ok(mut pending) => std::mem::take(&mut *pending),
+        Err(_) => return,
+    };
+    for (i, settlement) in pending.iter().enumerate() {
+        if let Err(e) = settle_element(conn.clone(), list, processing, settlement).await {
+            // Still in the processing list: tried again later, or given back at the next start.
+            tracing::warn!(list, error = %e, "cannot settle list elements; trying again later");
+            if let Ok(mut left) = unsettled.lock() {
+                left.extend(pending.into_iter().skip(i));
+            }
+            return;
+        }
     }
 }
 
@@ -331,19 +399,10 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
 #[async_trait]
 impl Sink for ListSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
-        let mut conn = self.conn.get().await?;
-        let pushed: Result<u64, RedisError> = redis::cmd(self.command)
-            .arg(&self.list)
-            .arg(msg.body.as_bytes().as_ref())
-            .query_async(&mut conn)
-            .await;
-        match pushed {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self
-                .conn
-                .failed(&format!("{} to `{}`", self.command, self.list), &e)
-                .await),
-        }
+        let mut cmd = redis::cmd(self.command);
+        cmd.arg(&self.list).arg(msg.body.as_bytes().as_ref());
+        let what = format!("{} to `{}`", self.command, self.list);
+        self.conn.query::<u64>(&what, &cmd).await.map(drop)
     }
 }
 

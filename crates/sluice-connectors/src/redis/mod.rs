@@ -136,17 +136,67 @@ impl LazyConnection {
         }
     }
 
-    /// The connection, connecting first if needed.
-    pub(crate) async fn get(&self) -> Result<MultiplexedConnection, ProcessError> {
+    /// Runs `cmd`; see [`LazyConnection::run`].
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        cmd: &redis::Cmd,
+    ) -> Result<T, ProcessError> {
+        self.run(
+            what,
+            |mut conn| async move { cmd.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// Runs `pipe`; see [`LazyConnection::run`].
+    pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        what: &str,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, ProcessError> {
+        self.run(
+            what,
+            |mut conn| async move { pipe.query_async(&mut conn).await },
+        )
+        .await
+    }
+
+    /// Runs `op` on the connection. When a connection made earlier turns out broken (the
+    /// server restarted since), it is made again and `op` runs once more right away: one
+    /// redelivery fewer, and the same at-least-once (a command whose answer was lost may run
+    /// twice, as a redelivered message would).
+    async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T, ProcessError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let (conn, fresh) = self.get().await?;
+        match op(conn).await {
+            Ok(value) => Ok(value),
+            Err(e) if !fresh && is_connection_error(&e) => {
+                *self.conn.lock().await = None;
+                let (conn, _) = self.get().await?;
+                match op(conn).await {
+                    Ok(value) => Ok(value),
+                    Err(e) => Err(self.failed(what, &e).await),
+                }
+            }
+            Err(e) => Err(self.failed(what, &e).await),
+        }
+    }
+
+    /// The connection, connecting first if needed; `true` when it was just made.
+    async fn get(&self) -> Result<(MultiplexedConnection, bool), ProcessError> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_ref() {
-            return Ok(conn.clone());
+            return Ok((conn.clone(), false));
         }
         match connect(&self.client, false).await {
             Ok(conn) => {
                 self.health.healthy();
                 *slot = Some(conn.clone());
-                Ok(conn)
+                Ok((conn, true))
             }
             Err(e) => {
                 let detail = format!("cannot reach {}: {e}", describe(&self.url));
@@ -156,9 +206,9 @@ impl LazyConnection {
         }
     }
 
-    /// Runs `what` after a command failed: a broken connection is dropped so the next use
-    /// connects again, and the failure becomes a [`ProcessError`].
-    pub(crate) async fn failed(&self, what: &str, e: &RedisError) -> ProcessError {
+    /// After a command failed: a broken connection is dropped so the next use connects again,
+    /// and the failure becomes a [`ProcessError`].
+    async fn failed(&self, what: &str, e: &RedisError) -> ProcessError {
         if is_connection_error(e) {
             *self.conn.lock().await = None;
             self.health

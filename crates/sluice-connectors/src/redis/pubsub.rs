@@ -243,25 +243,18 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
 #[async_trait]
 impl Sink for PubSubSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
-        let mut conn = self.conn.get().await?;
-        let receivers: Result<u64, RedisError> = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(msg.body.as_bytes().as_ref())
-            .query_async(&mut conn)
-            .await;
-        match receivers {
-            Ok(0) if self.require_subscriber => Err(ProcessError::new(
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&self.channel).arg(msg.body.as_bytes().as_ref());
+        let what = format!("PUBLISH to `{}`", self.channel);
+        match self.conn.query::<u64>(&what, &cmd).await? {
+            0 if self.require_subscriber => Err(ProcessError::new(
                 ErrorKind::Unavailable,
                 format!(
                     "no subscriber on channel `{}` received the message",
                     self.channel
                 ),
             )),
-            Ok(_) => Ok(()),
-            Err(e) => Err(self
-                .conn
-                .failed(&format!("PUBLISH to `{}`", self.channel), &e)
-                .await),
+            _ => Ok(()),
         }
     }
 }

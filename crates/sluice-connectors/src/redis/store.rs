@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::RedisError;
 use sluice_core::state::{CacheStore, CachedValue, Claim, IdempotentRepository};
 use sluice_core::{BuildError, HealthHandle, ProcessError};
 
@@ -38,12 +37,7 @@ impl RedisStore {
         what: &str,
         cmd: &redis::Cmd,
     ) -> Result<T, ProcessError> {
-        let mut conn = self.conn.get().await?;
-        let result: Result<T, RedisError> = cmd.query_async(&mut conn).await;
-        match result {
-            Ok(v) => Ok(v),
-            Err(e) => Err(self.conn.failed(what, &e).await),
-        }
+        self.conn.query(what, cmd).await
     }
 }
 

@@ -563,7 +563,6 @@ pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink
 #[async_trait]
 impl Sink for StreamSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
-        let mut conn = self.conn.get().await?;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&self.stream);
         if let Some(max) = self.max_len {
@@ -577,14 +576,8 @@ impl Sink for StreamSink {
                 cmd.arg(name).arg(value);
             }
         }
-        let added: Result<String, RedisError> = cmd.query_async(&mut conn).await;
-        match added {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self
-                .conn
-                .failed(&format!("XADD to `{}`", self.stream), &e)
-                .await),
-        }
+        let what = format!("XADD to `{}`", self.stream);
+        self.conn.query::<String>(&what, &cmd).await.map(drop)
     }
 }
 
