@@ -26,6 +26,7 @@ pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, BuildE
 /// Asserts that deserializing only `required` gives the same config as deserializing it with
 /// `spec`'s defaults filled in, as the engine does: the serde defaults repeat the spec's.
 #[cfg(test)]
+#[allow(clippy::needless_pass_by_value)] // called with `json!` literals
 pub(crate) fn assert_defaults_agree<T>(
     spec: &sluice_core::spec::ComponentSpec,
     required: serde_json::Value,

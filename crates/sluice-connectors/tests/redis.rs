@@ -4,7 +4,8 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::needless_pass_by_value
+    clippy::needless_pass_by_value,
+    clippy::result_large_err
 )]
 
 mod common;
