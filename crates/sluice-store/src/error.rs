@@ -73,6 +73,19 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database met an I/O error: redb then refuses every later operation until it
+    /// is reopened.
+    pub(crate) fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Storage(
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
+            )
+        ) || self.is_disk_full()
+    }
+}
+
 fn is_full(error: &io::Error) -> bool {
     matches!(
         error.kind(),

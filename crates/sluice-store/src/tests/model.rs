@@ -209,6 +209,7 @@ impl Harness {
             },
             clock: Arc::clone(&self.clock) as _,
             cache_size: crate::DEFAULT_CACHE_SIZE,
+            reserve: 0,
         };
         self.store = Some(Store::open_with_backend(self.disk.clone(), options).unwrap());
     }
