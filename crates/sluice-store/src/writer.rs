@@ -269,9 +269,11 @@ impl Health {
 
     /// When the writer should wake without a request, to retry a reopen or a refill.
     fn wake_at(&self) -> Option<Instant> {
-        let reopen = self.closed.as_ref().map(|_| self.reopen_at);
-        let refill = self.released.then_some(self.refill_at);
-        reopen.into_iter().chain(refill).min()
+        match self.closed {
+            Some(_) => Some(self.reopen_at),
+            // A refill waits for the reopen (see `heal`), so its time counts only once open.
+            None => self.released.then_some(self.refill_at),
+        }
     }
 
     /// Reopens the database and writes the reserve again, each once its wait has passed.
@@ -314,14 +316,15 @@ impl Health {
         // The last handle but readers' goes here; redb closes the file when they finish.
         self.db = None;
         self.closed = Some(closed);
-        if failure.disk_full && !self.released {
-            if let Some(reserve) = &self.reserve {
-                // Before the reopen: opening may itself need to write.
-                reserve.release();
-                self.released = true;
-                self.refill_backoff = Backoff::new();
-                self.refill_at = Instant::now() + self.refill_backoff.next();
-            }
+        if failure.disk_full
+            && !self.released
+            && let Some(reserve) = &self.reserve
+        {
+            // Before the reopen: opening may itself need to write.
+            reserve.release();
+            self.released = true;
+            self.refill_backoff = Backoff::new();
+            self.refill_at = Instant::now() + self.refill_backoff.next();
         }
         self.reopen_at = Instant::now();
         self.heal();
@@ -391,6 +394,7 @@ fn writer_loop(
         health.commit(batch, commits);
     }
 }
+
 /// Takes what is queued, then, while the batch holds fewer than `expected` requests, waits up to
 /// `max_wait` from the first request for more.
 fn collect_batch(
