@@ -86,7 +86,8 @@ impl StoreError {
     }
 }
 
-fn is_full(error: &io::Error) -> bool {
+/// Whether an I/O error says the disk or the quota is full.
+pub(crate) fn is_full(error: &io::Error) -> bool {
     matches!(
         error.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded

@@ -86,14 +86,24 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating if needed) the store in `dir`, locked against other processes. Leases
     /// held when the store was last closed become visible again. On a full disk it still opens
-    /// (using the reserve) so consumers can drain, with producers refused until there is room.
+    /// if its reserve is on disk (whose room then serves the recovery commit), so consumers can
+    /// drain, with producers refused until there is room.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let lock = DirLock::acquire(dir)?;
         let opener = Opener::file(dir.join(DATABASE_FILE), options.cache_size);
         let reserve = if options.reserve > 0 {
             let reserve = Reserve::new(dir.join(RESERVE_FILE), options.reserve);
-            // A disk too full for the reserve opens with it released, like after a full disk.
-            let held = reserve.fill().is_ok();
+            let held = match reserve.fill() {
+                Ok(()) => true,
+                // A disk too full for the reserve opens with it released, as after a full disk.
+                Err(error) if crate::error::is_full(&error) => false,
+                Err(source) => {
+                    return Err(StoreError::Directory {
+                        dir: dir.to_path_buf(),
+                        source,
+                    });
+                }
+            };
             Some((reserve, held))
         } else {
             None

@@ -162,18 +162,8 @@ async fn a_full_disk_refuses_appends_lets_consumers_drain_and_recovers_by_itself
 
     // Space comes back: the same store handle takes appends again, with no reopen by us.
     disk.grow("32m");
-    let deadline = Instant::now() + Duration::from_secs(20);
     let after = next + 1;
-    loop {
-        match queue.append(vec![payload(after)]).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(e.is_disk_full(), "{e}");
-                assert!(Instant::now() < deadline, "appends never resumed: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
+    append_until_stored(&queue, after).await;
     assert_eq!(
         std::fs::metadata(data.join(RESERVE_FILE)).unwrap().len(),
         RESERVE,
@@ -192,4 +182,58 @@ async fn a_full_disk_refuses_appends_lets_consumers_drain_and_recovers_by_itself
     let found: BTreeSet<usize> = drain(&store.queue("orders")).await.into_iter().collect();
     let expected: BTreeSet<usize> = std::iter::once(after).chain(more).collect();
     assert_eq!(found, expected);
+}
+
+/// Fills the filesystem of `path`'s directory with a file until it is full.
+fn fill_up(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let chunk = vec![0x5a; 64 << 10];
+    while file
+        .write_all(&chunk)
+        .and_then(|()| file.sync_all())
+        .is_ok()
+    {}
+}
+
+/// Appends `n` until the store takes it; fails after 20 s.
+async fn append_until_stored(queue: &Queue, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(e) = queue.append(vec![payload(n)]).await {
+        assert!(e.is_disk_full(), "{e}");
+        assert!(Instant::now() < deadline, "appends never resumed: {e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_opened_on_a_full_disk_lets_consumers_drain_and_recovers_by_itself() {
+    let disk = match SmallDisk::mount("6m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            println!("skipping the disk-full test: cannot mount a tmpfs ({why})");
+            return;
+        }
+    };
+    let data: PathBuf = disk.path().join("data");
+    let store = Store::open(&data, options()).unwrap();
+    let queue = store.queue("orders");
+    queue.append((0..100).map(payload).collect()).await.unwrap();
+    drop(queue);
+    drop(store);
+    // Something else fills the disk while the process is down.
+    let filler = disk.path().join("filler");
+    fill_up(&filler);
+
+    let store = Store::open(&data, options()).unwrap();
+    let queue = store.queue("orders");
+    let refused = queue.append(vec![payload(100)]).await.unwrap_err();
+    assert!(refused.is_disk_full(), "{refused}");
+    let found: BTreeSet<usize> = drain(&queue).await.into_iter().collect();
+    assert_eq!(found, (0..100).collect(), "consumers could not drain");
+
+    std::fs::remove_file(&filler).unwrap();
+    append_until_stored(&queue, 101).await;
+    let found = drain(&queue).await;
+    assert_eq!(found, [101], "a refused append was stored");
 }
