@@ -547,3 +547,89 @@ async fn listen_turns_notifications_into_messages() {
     );
     assert!(last.headers.contains_key("postgres.pid"));
 }
+
+/// Throughput of the `sql` sink against a hand-written tokio-postgres loop writing the same rows
+/// in COPY batches of the same size. Run with
+/// `cargo test --release -p sluice-connectors --features postgres --test postgres -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_sink_against_hand_written_copy() {
+    if !up().await {
+        return;
+    }
+    const ROWS: usize = 50_000;
+    const BATCH: usize = 500;
+    let db = admin().await;
+    let t = unique("sluice_bench");
+    db.batch_execute(&format!(
+        "CREATE UNLOGGED TABLE {t} (id bigint, name text, amount float8, doc jsonb)"
+    ))
+    .await
+    .unwrap();
+    let body = |i: usize| json!({"id": i, "name": format!("customer {i}"), "amount": i as f64 * 0.5, "doc": {"i": i, "tags": ["a", "b"]}});
+
+    // Hand-written: one connection, COPY text batches, one transaction each.
+    let mut hand = admin().await;
+    let started = std::time::Instant::now();
+    for chunk in (0..ROWS).collect::<Vec<_>>().chunks(BATCH) {
+        let mut data = String::new();
+        for &i in chunk {
+            let b = body(i);
+            data.push_str(&format!(
+                "{}\t{}\t{}\t{}\n",
+                b["id"], b["name"].as_str().unwrap(), b["amount"], b["doc"]
+            ));
+        }
+        let tx = hand.transaction().await.unwrap();
+        let sink = tx
+            .copy_in::<_, bytes::Bytes>(&format!("COPY {t} (id, name, amount, doc) FROM STDIN"))
+            .await
+            .unwrap();
+        futures_util::pin_mut!(sink);
+        futures_util::SinkExt::send(&mut sink, bytes::Bytes::from(data))
+            .await
+            .unwrap();
+        sink.finish().await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let hand_rate = ROWS as f64 / started.elapsed().as_secs_f64();
+
+    // The sink, fed by 1000 concurrent deliveries as a flow with that concurrency would.
+    let resources = Arc::new(Resources::default());
+    let sink = sink(
+        json!({"url": URL, "table": t, "columns": ["id", "name", "amount", "doc"], "batch_size": BATCH}),
+        &resources,
+    );
+    let messages: Vec<Message> = (0..ROWS).map(|i| Message::json(body(i))).collect();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let messages = Arc::new(messages);
+    let started = std::time::Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..1000 {
+        let (sink, next, messages) = (Arc::clone(&sink), Arc::clone(&next), Arc::clone(&messages));
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= ROWS {
+                    break;
+                }
+                sink.deliver(&messages[i]).await.unwrap();
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let sink_rate = ROWS as f64 / started.elapsed().as_secs_f64();
+    let n: i64 = db
+        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2 * ROWS as i64);
+    println!(
+        "hand-written COPY: {hand_rate:.0} rows/s; sql sink: {sink_rate:.0} rows/s; ratio {:.2}",
+        sink_rate / hand_rate
+    );
+    db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}

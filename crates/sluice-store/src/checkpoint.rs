@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::ReadableDatabase;
 
 use crate::error::StoreError;
 use crate::store::Inner;

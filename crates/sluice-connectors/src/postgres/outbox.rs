@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;

@@ -270,6 +270,8 @@ pub fn open(
         Some(Backend::Postgres) => crate::postgres::pool::database(resources, url, options),
         #[cfg(feature = "mysql")]
         Some(Backend::Mysql) => crate::mysql::database(resources, url, options),
+        // Reached only when one of the two features is off.
+        #[allow(unreachable_patterns)]
         Some(other) => {
             let _ = (resources, options);
             Err(BuildError::field(

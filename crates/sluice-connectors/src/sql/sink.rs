@@ -416,6 +416,7 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     struct Nothing;
 
@@ -462,9 +463,9 @@ mod tests {
     fn upsert_merges_rows_of_one_key_last_wins_and_ignore_keeps_the_first() {
         let batch = vec![pending(1, "x"), pending(2, "y"), pending(1, "z")];
         let rows = writer(OnConflict::Upsert, vec![0]).rows_of(&batch);
-        assert_eq!(rows, vec![vec![1.into(), "z".into()], vec![2.into(), "y".into()]]);
+        assert_eq!(rows, vec![vec![json!(1), json!("z")], vec![json!(2), json!("y")]]);
         let rows = writer(OnConflict::Ignore, vec![0]).rows_of(&batch);
-        assert_eq!(rows, vec![vec![1.into(), "x".into()], vec![2.into(), "y".into()]]);
+        assert_eq!(rows, vec![vec![json!(1), json!("x")], vec![json!(2), json!("y")]]);
         let rows = writer(OnConflict::Error, vec![]).rows_of(&batch);
         assert_eq!(rows.len(), 3);
     }
