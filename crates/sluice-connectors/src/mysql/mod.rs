@@ -14,7 +14,9 @@ use mysql_async::{Conn, Opts, OptsBuilder, Params, Pool, PoolConstraints, PoolOp
 use serde_json::{Map, Number, Value};
 use sluice_core::{BuildError, ErrorKind, ProcessError, Resources};
 
-use crate::sql::{ConnectionOptions, Database, Mode, OnConflict, WritePlan, redact, timed_out, unavailable};
+use crate::sql::{
+    ConnectionOptions, Database, Mode, OnConflict, RowData, WritePlan, redact, timed_out, unavailable,
+};
 
 /// Most placeholders MySQL takes in one statement.
 const MAX_PLACEHOLDERS: usize = 65_535;
@@ -263,7 +265,7 @@ impl MysqlDatabase {
         }
     }
 
-    async fn run_write(&self, plan: &WritePlan, rows: &[Vec<Value>]) -> Result<(), ProcessError> {
+    async fn run_write(&self, plan: &WritePlan, rows: &[&RowData]) -> Result<(), ProcessError> {
         let fail = |e: mysql_async::Error| error(&self.what, &e);
         let mut conn = self.conn().await?;
         let mut tx = conn
@@ -272,8 +274,19 @@ impl MysqlDatabase {
             .map_err(fail)?;
         let per_statement = (MAX_PLACEHOLDERS / plan.columns.len().max(1)).max(1);
         for chunk in rows.chunks(per_statement) {
-            let values: Vec<mysql_async::Value> =
-                chunk.iter().flat_map(|row| row.iter().map(param)).collect();
+            let mut values: Vec<mysql_async::Value> =
+                Vec::with_capacity(chunk.len() * plan.columns.len());
+            for row in chunk {
+                match row {
+                    RowData::Values(row) => values.extend(row.iter().map(param)),
+                    RowData::CopyText(_) => {
+                        return Err(ProcessError::new(
+                            ErrorKind::Internal,
+                            "a PostgreSQL row reached the MySQL writer",
+                        ));
+                    }
+                }
+            }
             tx.exec_drop(insert_statement(plan, chunk.len()), Params::Positional(values))
                 .await
                 .map_err(fail)?;
@@ -290,7 +303,7 @@ impl Database for MysqlDatabase {
             .unwrap_or_else(|_| Err(timed_out(&self.what, self.timeout)))
     }
 
-    async fn write(&self, plan: &WritePlan, rows: &[Vec<Value>]) -> Result<(), ProcessError> {
+    async fn write(&self, plan: &WritePlan, rows: &[&RowData]) -> Result<(), ProcessError> {
         self.run_write(plan, rows).await
     }
 

@@ -12,7 +12,7 @@ use sluice_core::{ErrorKind, ProcessError};
 use tokio_postgres::types::ToSql;
 
 use super::types::{Param, copy_row, row_to_json};
-use crate::sql::{Database, Mode, OnConflict, WritePlan, timed_out, unavailable};
+use crate::sql::{Database, Mode, OnConflict, RowData, WritePlan, timed_out, unavailable};
 
 /// A pooled PostgreSQL database.
 pub struct PgDatabase {
@@ -113,7 +113,7 @@ impl PgDatabase {
         }
     }
 
-    async fn run_write(&self, plan: &WritePlan, rows: &[Vec<Value>]) -> Result<(), ProcessError> {
+    async fn run_write(&self, plan: &WritePlan, rows: &[&RowData]) -> Result<(), ProcessError> {
         let fail = |e: tokio_postgres::Error| error(&self.what, &e);
         let mut client = self.client().await?;
         let columns = plan.columns.join(", ");
@@ -134,9 +134,17 @@ impl PgDatabase {
             .await
             .map_err(fail)?;
         }
-        let mut data = Vec::with_capacity(rows.len() * 16 * plan.columns.len());
+        let mut data = Vec::with_capacity(rows.iter().map(|r| match r {
+            RowData::CopyText(line) => line.len(),
+            RowData::Values(_) => 64,
+        }).sum());
         for row in rows {
-            copy_row(row, &mut data);
+            match row {
+                RowData::CopyText(line) => data.extend_from_slice(line),
+                RowData::Values(values) => {
+                    copy_row(&values.iter().collect::<Vec<_>>(), &mut data);
+                }
+            }
         }
         let target = if staged { &stage } else { &plan.table };
         let sink = tx
@@ -198,7 +206,13 @@ impl Database for PgDatabase {
         .unwrap_or_else(|_| Err(timed_out(&self.what, self.timeout)))
     }
 
-    async fn write(&self, plan: &WritePlan, rows: &[Vec<Value>]) -> Result<(), ProcessError> {
+    fn encode(&self, row: &[&Value]) -> RowData {
+        let mut line = Vec::with_capacity(16 * row.len());
+        copy_row(row, &mut line);
+        RowData::CopyText(line)
+    }
+
+    async fn write(&self, plan: &WritePlan, rows: &[&RowData]) -> Result<(), ProcessError> {
         self.run_write(plan, rows).await
     }
 

@@ -346,7 +346,7 @@ impl ToSql for Param<'_> {
 
 /// Appends one row in `COPY ... FROM STDIN` text format: tab-separated, `\N` for NULL,
 /// backslash escapes; PostgreSQL parses each field into its column's type.
-pub fn copy_row(row: &[Value], out: &mut Vec<u8>) {
+pub fn copy_row(row: &[&Value], out: &mut Vec<u8>) {
     for (i, value) in row.iter().enumerate() {
         if i > 0 {
             out.push(b'\t');
@@ -355,16 +355,32 @@ pub fn copy_row(row: &[Value], out: &mut Vec<u8>) {
             Value::Null => out.extend_from_slice(b"\\N"),
             Value::Bool(true) => out.push(b't'),
             Value::Bool(false) => out.push(b'f'),
-            Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
+            // Numbers never need escaping.
+            Value::Number(n) => {
+                let _ = serde_json::to_writer(&mut *out, n);
+            }
             Value::String(s) => copy_escape(s, out),
-            other => copy_escape(&other.to_string(), out),
+            other => {
+                // JSON text escapes control characters itself; only backslashes need doubling.
+                let json = serde_json::to_vec(other).unwrap_or_default();
+                copy_escape_bytes(&json, out);
+            }
         }
     }
     out.push(b'\n');
 }
 
 fn copy_escape(text: &str, out: &mut Vec<u8>) {
-    for &b in text.as_bytes() {
+    copy_escape_bytes(text.as_bytes(), out);
+}
+
+fn copy_escape_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    // Most values need no escape: copy them whole.
+    if !bytes.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+        out.extend_from_slice(bytes);
+        return;
+    }
+    for &b in bytes {
         match b {
             b'\\' => out.extend_from_slice(b"\\\\"),
             b'\n' => out.extend_from_slice(b"\\n"),
@@ -414,16 +430,14 @@ mod tests {
     #[test]
     fn copy_text_escapes_and_maps_json() {
         let mut out = Vec::new();
-        copy_row(
-            &[
-                json!(1),
-                json!("a\tb\\c\nd"),
-                Value::Null,
-                json!(true),
-                json!({"k": [1]}),
-            ],
-            &mut out,
-        );
+        let values = [
+            json!(1),
+            json!("a\tb\\c\nd"),
+            Value::Null,
+            json!(true),
+            json!({"k": [1]}),
+        ];
+        copy_row(&values.iter().collect::<Vec<_>>(), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "1\ta\\tb\\\\c\\nd\t\\N\tt\t{\"k\":[1]}\n"

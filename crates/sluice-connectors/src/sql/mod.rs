@@ -115,16 +115,31 @@ pub struct WritePlan {
     pub key: Vec<usize>,
 }
 
+/// One row ready for a batch, in the form its database writes fastest.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowData {
+    /// The column values (MariaDB/MySQL binds them).
+    Values(Vec<Value>),
+    /// The row as one line of PostgreSQL `COPY` text, built by the delivering task so the batch
+    /// writer only concatenates.
+    CopyText(Vec<u8>),
+}
+
 /// A database the SQL components talk to (one pool per url and settings, shared by the process).
 #[async_trait]
 pub trait Database: Send + Sync + 'static {
     /// Runs `sql` with `params` bound in order; the result per `mode`.
     async fn query(&self, sql: &str, params: &[Value], mode: Mode) -> Result<Value, ProcessError>;
 
-    /// Writes `rows` (each one value per column of `plan`) in one transaction; `Ok` once
-    /// committed. A row that the database refuses (a constraint, a bad value) fails with
+    /// Prepares one row (one value per column of a [`WritePlan`]) for [`Database::write`].
+    fn encode(&self, row: &[&Value]) -> RowData {
+        RowData::Values(row.iter().map(|v| (*v).clone()).collect())
+    }
+
+    /// Writes `rows` (made by [`Database::encode`]) in one transaction; `Ok` once committed. A
+    /// row that the database refuses (a constraint, a bad value) fails with
     /// [`ErrorKind::InvalidInput`].
-    async fn write(&self, plan: &WritePlan, rows: &[Vec<Value>]) -> Result<(), ProcessError>;
+    async fn write(&self, plan: &WritePlan, rows: &[&RowData]) -> Result<(), ProcessError>;
 
     /// The database, for messages (`postgres://127.0.0.1:5432/test`).
     fn describe(&self) -> &str;

@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::processor::{first_output, report};
-use super::{Backend, Database, OnConflict, WritePlan};
+use super::{Backend, Database, OnConflict, RowData, WritePlan};
 
 const DESCRIPTION: &str = "\
 Inserts one row per message into `table` of the database at `url`, in batches: deliveries that \
@@ -154,7 +154,21 @@ enum Columns {
 }
 
 impl Columns {
-    async fn row(&self, msg: &Message) -> Result<Vec<Value>, ProcessError> {
+    /// The row of `msg`, encoded by `db`, and its key (JSON text of the key columns) when
+    /// `key` names some.
+    async fn row(
+        &self,
+        msg: &Message,
+        db: &dyn Database,
+        key: &[usize],
+    ) -> Result<(RowData, Option<String>), ProcessError> {
+        let encode = |values: &[&Value]| {
+            let key = (!key.is_empty()).then(|| {
+                serde_json::to_string(&key.iter().map(|&i| values[i]).collect::<Vec<_>>())
+                    .unwrap_or_default()
+            });
+            (db.encode(values), key)
+        };
         match self {
             Columns::Fields(names) => {
                 let body = msg
@@ -166,10 +180,11 @@ impl Columns {
                         "the body must be a JSON object whose fields are the columns",
                     ));
                 };
-                Ok(names
+                let values: Vec<&Value> = names
                     .iter()
-                    .map(|n| map.get(n).cloned().unwrap_or(Value::Null))
-                    .collect())
+                    .map(|n| map.get(n).unwrap_or(&Value::Null))
+                    .collect();
+                Ok(encode(&values))
             }
             Columns::Jq(programs) => {
                 let body = msg
@@ -180,7 +195,8 @@ impl Columns {
                 for program in programs {
                     row.push(first_output(program.as_ref(), &body, msg).await?);
                 }
-                Ok(row)
+                let values: Vec<&Value> = row.iter().collect();
+                Ok(encode(&values))
             }
         }
     }
@@ -188,7 +204,9 @@ impl Columns {
 
 /// One row waiting for its batch to commit.
 struct Pending {
-    row: Vec<Value>,
+    row: RowData,
+    /// The key columns' values as JSON text (upsert and ignore only).
+    key: Option<String>,
     done: oneshot::Sender<Result<(), ProcessError>>,
 }
 
@@ -297,7 +315,10 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Bu
 #[async_trait]
 impl Sink for SqlSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
-        let row = self.columns.row(msg).await?;
+        let (row, key) = self
+            .columns
+            .row(msg, self.writer.db.as_ref(), &self.writer.plan.key)
+            .await?;
         let queue = self.queue.get_or_init(|| {
             let (tx, rx) = mpsc::channel(self.writer.batch_size * (self.writer.parallel + 1));
             tokio::spawn(Arc::clone(&self.writer).run(rx));
@@ -305,7 +326,7 @@ impl Sink for SqlSink {
         });
         let (done, committed) = oneshot::channel();
         queue
-            .send(Pending { row, done })
+            .send(Pending { row, key, done })
             .await
             .map_err(|_| ProcessError::new(ErrorKind::Internal, "the sql batch writer stopped"))?;
         committed.await.map_err(|_| {
@@ -324,19 +345,19 @@ impl Writer {
             let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                 break;
             };
-            let mut batch = vec![first];
+            let mut batch = Vec::with_capacity(self.batch_size);
+            batch.push(first);
             while batch.len() < self.batch_size {
-                match rx.try_recv() {
-                    Ok(p) => {
-                        batch.push(p);
-                        continue;
+                let room = self.batch_size - batch.len();
+                // Whatever is queued now joins at once; then wait for more until the deadline.
+                if rx.is_empty() {
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await
+                    {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
                     }
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                    Err(mpsc::error::TryRecvError::Empty) => {}
-                }
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(p)) => batch.push(p),
-                    _ => break,
+                } else {
+                    rx.recv_many(&mut batch, room).await;
                 }
             }
             let writer = Arc::clone(&self);
@@ -348,13 +369,13 @@ impl Writer {
     }
 
     async fn flush(&self, batch: Vec<Pending>) {
-        let rows = self.rows_of(&batch);
+        let rows = self.merge_keys(&batch);
         let result = self.write(&rows).await;
         match result {
             Err(e) if e.kind == ErrorKind::InvalidInput && batch.len() > 1 => {
                 tracing::debug!(table = %self.plan.table, rows = batch.len(), error = %e, "batch refused for its data; writing its rows one by one");
                 for pending in batch {
-                    let result = self.write(std::slice::from_ref(&pending.row)).await;
+                    let result = self.write(&[&pending.row]).await;
                     let _ = pending.done.send(result);
                 }
             }
@@ -366,7 +387,7 @@ impl Writer {
         }
     }
 
-    async fn write(&self, rows: &[Vec<Value>]) -> Result<(), ProcessError> {
+    async fn write(&self, rows: &[&RowData]) -> Result<(), ProcessError> {
         let result = match tokio::time::timeout(
             self.timeout + Duration::from_secs(1),
             self.db.write(&self.plan, rows),
@@ -380,32 +401,22 @@ impl Writer {
         result
     }
 
-    /// The batch's rows; for upsert, rows with the same key are merged (the last wins), as one
-    /// statement may not touch a row twice.
-    fn rows_of(&self, batch: &[Pending]) -> Vec<Vec<Value>> {
+    /// The batch's rows; for upsert and ignore one row per key (upsert: the last wins;
+    /// ignore: the first), as one statement may not touch a row twice.
+    fn merge_keys<'a>(&self, batch: &'a [Pending]) -> Vec<&'a RowData> {
         if self.plan.on_conflict == OnConflict::Error || self.plan.key.is_empty() {
-            return batch.iter().map(|p| p.row.clone()).collect();
+            return batch.iter().map(|p| &p.row).collect();
         }
-        let mut position: HashMap<String, usize> = HashMap::with_capacity(batch.len());
-        let mut rows: Vec<Vec<Value>> = Vec::with_capacity(batch.len());
+        let mut position: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+        let mut rows: Vec<&RowData> = Vec::with_capacity(batch.len());
         for pending in batch {
-            let key = serde_json::to_string(
-                &self
-                    .plan
-                    .key
-                    .iter()
-                    .map(|&i| &pending.row[i])
-                    .collect::<Vec<_>>(),
-            )
-            .unwrap_or_default();
-            match position.get(&key) {
-                Some(&at) if self.plan.on_conflict == OnConflict::Upsert => {
-                    rows[at] = pending.row.clone();
-                }
+            let key = pending.key.as_deref().unwrap_or("");
+            match position.get(key) {
+                Some(&at) if self.plan.on_conflict == OnConflict::Upsert => rows[at] = &pending.row,
                 Some(_) => {}
                 None => {
                     position.insert(key, rows.len());
-                    rows.push(pending.row.clone());
+                    rows.push(&pending.row);
                 }
             }
         }
@@ -425,7 +436,7 @@ mod tests {
         async fn query(&self, _: &str, _: &[Value], _: super::super::Mode) -> Result<Value, ProcessError> {
             Ok(Value::Null)
         }
-        async fn write(&self, _: &WritePlan, _: &[Vec<Value>]) -> Result<(), ProcessError> {
+        async fn write(&self, _: &WritePlan, _: &[&RowData]) -> Result<(), ProcessError> {
             Ok(())
         }
         fn describe(&self) -> &str {
@@ -454,19 +465,23 @@ mod tests {
     fn pending(a: i64, b: &str) -> Pending {
         let (done, _) = oneshot::channel();
         Pending {
-            row: vec![a.into(), b.into()],
+            row: RowData::Values(vec![json!(a), json!(b)]),
+            key: Some(json!([a]).to_string()),
             done,
         }
+    }
+
+    fn row(a: i64, b: &str) -> RowData {
+        RowData::Values(vec![json!(a), json!(b)])
     }
 
     #[test]
     fn upsert_merges_rows_of_one_key_last_wins_and_ignore_keeps_the_first() {
         let batch = vec![pending(1, "x"), pending(2, "y"), pending(1, "z")];
-        let rows = writer(OnConflict::Upsert, vec![0]).rows_of(&batch);
-        assert_eq!(rows, vec![vec![json!(1), json!("z")], vec![json!(2), json!("y")]]);
-        let rows = writer(OnConflict::Ignore, vec![0]).rows_of(&batch);
-        assert_eq!(rows, vec![vec![json!(1), json!("x")], vec![json!(2), json!("y")]]);
-        let rows = writer(OnConflict::Error, vec![]).rows_of(&batch);
-        assert_eq!(rows.len(), 3);
+        let rows = writer(OnConflict::Upsert, vec![0]).merge_keys(&batch);
+        assert_eq!(rows, vec![&row(1, "z"), &row(2, "y")]);
+        let rows = writer(OnConflict::Ignore, vec![0]).merge_keys(&batch);
+        assert_eq!(rows, vec![&row(1, "x"), &row(2, "y")]);
+        assert_eq!(writer(OnConflict::Error, vec![]).merge_keys(&batch).len(), 3);
     }
 }
