@@ -56,9 +56,12 @@ async fn sql_processor_binds_params_and_maps_types() {
         }),
         &resources,
     );
-    let out = run_step(&step, Message::json(json!({"id": 1})).with_header("tenant", "acme"))
-        .await
-        .unwrap();
+    let out = run_step(
+        &step,
+        Message::json(json!({"id": 1})).with_header("tenant", "acme"),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         out,
         json!({"id": 1, "tenant": "acme", "price": 12.5, "at": "2024-05-01T10:00:00.250000Z",
@@ -69,7 +72,9 @@ async fn sql_processor_binds_params_and_maps_types() {
         json!({"url": URL, "query": format!("SELECT id FROM {t} WHERE tenant = ?"), "params": ["."]}),
         &resources,
     );
-    let out = run_step(&rows, Message::json(json!("x' OR '1'='1"))).await.unwrap();
+    let out = run_step(&rows, Message::json(json!("x' OR '1'='1")))
+        .await
+        .unwrap();
     assert_eq!(out, json!([]));
     let update = processor(
         json!({"url": URL, "query": format!("UPDATE {t} SET tenant = ? WHERE id <= ?"), "params": [".t", ".upto"], "mode": "count", "into": "n"}),
@@ -102,8 +107,10 @@ async fn sink_batches_upserts_and_isolates_a_bad_row() {
     for i in 0..200 {
         let sink = Arc::clone(&sink);
         tasks.push(tokio::spawn(async move {
-            sink.deliver(&Message::json(json!({"id": i % 150, "name": format!("n{i}"), "doc": {"i": i}})))
-                .await
+            sink.deliver(&Message::json(
+                json!({"id": i % 150, "name": format!("n{i}"), "doc": {"i": i}}),
+            ))
+            .await
         }));
     }
     for task in tasks {
@@ -111,7 +118,11 @@ async fn sink_batches_upserts_and_isolates_a_bad_row() {
     }
     let count = exec(&resources, &format!("SELECT count(*) AS n FROM {t}")).await;
     assert_eq!(count, json!([{"n": 150}]));
-    let row = exec(&resources, &format!("SELECT name, doc FROM {t} WHERE id = 3")).await;
+    let row = exec(
+        &resources,
+        &format!("SELECT name, doc FROM {t} WHERE id = 3"),
+    )
+    .await;
     assert_eq!(row, json!([{"name": "n153", "doc": "{\"i\":153}"}]));
 
     // NULL into NOT NULL fails that message only.
@@ -124,7 +135,8 @@ async fn sink_batches_upserts_and_isolates_a_bad_row() {
         let sink = Arc::clone(&plain);
         tasks.push(tokio::spawn(async move {
             let name = if i == 1003 { Value::Null } else { json!("ok") };
-            sink.deliver(&Message::json(json!({"id": i, "name": name}))).await
+            sink.deliver(&Message::json(json!({"id": i, "name": name})))
+                .await
         }));
     }
     let mut failed = Vec::new();
@@ -135,7 +147,11 @@ async fn sink_batches_upserts_and_isolates_a_bad_row() {
         }
     }
     assert_eq!(failed, vec![1003]);
-    let count = exec(&resources, &format!("SELECT count(*) AS n FROM {t} WHERE id >= 1000")).await;
+    let count = exec(
+        &resources,
+        &format!("SELECT count(*) AS n FROM {t} WHERE id >= 1000"),
+    )
+    .await;
     assert_eq!(count, json!([{"n": 5}]));
     exec(&resources, &format!("DROP TABLE {t}")).await;
 }
@@ -147,7 +163,14 @@ async fn an_unreachable_server_is_unavailable() {
         json!({"url": "mysql://root@127.0.0.1:1/test", "table": "t", "columns": ["id"], "connect_timeout": "1s"}),
         &resources,
     );
-    let err = sink.deliver(&Message::json(json!({"id": 1}))).await.unwrap_err();
+    let err = sink
+        .deliver(&Message::json(json!({"id": 1})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
-    assert!(err.detail.contains("MariaDB/MySQL at mysql://127.0.0.1:1/test"), "{err}");
+    assert!(
+        err.detail
+            .contains("MariaDB/MySQL at mysql://127.0.0.1:1/test"),
+        "{err}"
+    );
 }

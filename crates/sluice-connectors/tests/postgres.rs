@@ -89,9 +89,12 @@ async fn sql_processor_binds_params_and_maps_types() {
         json!({"url": URL, "query": format!("SELECT id FROM {t} WHERE tenant = $1 ORDER BY id"), "params": ["."]}),
         &resources,
     );
-    let out = run_step(&rows, Message::json(json!(format!("x'; DROP TABLE {t}; --"))))
-        .await
-        .unwrap();
+    let out = run_step(
+        &rows,
+        Message::json(json!(format!("x'; DROP TABLE {t}; --"))),
+    )
+    .await
+    .unwrap();
     assert_eq!(out, json!([]));
 
     // Count of affected rows; a timestamp parameter parsed from RFC 3339.
@@ -117,15 +120,20 @@ async fn sql_processor_binds_params_and_maps_types() {
     );
 
     // Wrong parameter count and a value of the wrong type are the message's fault.
-    let err = run_step(&update, Message::json(json!({"at": "not a time", "upto": 1})))
-        .await
-        .unwrap_err();
+    let err = run_step(
+        &update,
+        Message::json(json!({"at": "not a time", "upto": 1})),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidInput, "{err}");
     let mismatched = processor(
         json!({"url": URL, "query": format!("SELECT * FROM {t} WHERE id = $1"), "params": []}),
         &resources,
     );
-    let err = run_step(&mismatched, Message::json(json!({}))).await.unwrap_err();
+    let err = run_step(&mismatched, Message::json(json!({})))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidInput);
     assert!(err.detail.contains("1 placeholders"), "{err}");
     db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
@@ -142,7 +150,9 @@ async fn statement_timeout_cuts_a_slow_query() {
         &resources,
     );
     let started = std::time::Instant::now();
-    let err = run_step(&step, Message::json(json!(null))).await.unwrap_err();
+    let err = run_step(&step, Message::json(json!(null)))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Timeout, "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
@@ -261,7 +271,10 @@ async fn sink_upserts_by_key_with_jq_columns() {
     b.unwrap();
     c.unwrap();
     let rows: Vec<(i32, String, String, i64)> = db
-        .query(&format!("SELECT id, name, tenant, cents FROM {t} ORDER BY id"), &[])
+        .query(
+            &format!("SELECT id, name, tenant, cents FROM {t} ORDER BY id"),
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -317,8 +330,14 @@ async fn an_unreachable_database_is_unavailable_and_unhealthy_then_recovers() {
     let problems = ComponentHealth::of(&resources).problems("test-flow");
     assert_eq!(problems.len(), 1, "{problems:?}");
     proxy.up().await;
-    sink.deliver(&Message::json(json!({"id": 2}))).await.unwrap();
-    assert!(ComponentHealth::of(&resources).problems("test-flow").is_empty());
+    sink.deliver(&Message::json(json!({"id": 2})))
+        .await
+        .unwrap();
+    assert!(
+        ComponentHealth::of(&resources)
+            .problems("test-flow")
+            .is_empty()
+    );
     db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
 
@@ -397,7 +416,10 @@ async fn poll_source_resumes_after_the_acked_watermark() {
     task.await.unwrap().unwrap();
     assert_eq!(ids(&dispatch), vec![6, 7]);
     assert_eq!(
-        dispatch.seen()[0].headers.get("postgres.watermark").map(String::as_str),
+        dispatch.seen()[0]
+            .headers
+            .get("postgres.watermark")
+            .map(String::as_str),
         Some("6")
     );
     assert_eq!(dispatch.seen()[0].body.json().unwrap()["v"], json!("v6"));
@@ -452,9 +474,15 @@ async fn outbox_delivers_in_id_order_and_deletes_only_acked_rows() {
     // The nacked row stays and comes first in the next batch.
     assert_eq!(seen, vec![1, 2, 3, 4, 3, 5, 6]);
     let first = &dispatch.seen()[0];
-    assert_eq!(first.headers.get("tenant").map(String::as_str), Some("acme"));
+    assert_eq!(
+        first.headers.get("tenant").map(String::as_str),
+        Some("acme")
+    );
     assert_eq!(first.headers.get("n").map(String::as_str), Some("1"));
-    assert_eq!(first.headers.get("outbox.id").map(String::as_str), Some("1"));
+    assert_eq!(
+        first.headers.get("outbox.id").map(String::as_str),
+        Some("1")
+    );
     assert!(first.headers.contains_key("outbox.created_at"));
     db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
@@ -495,7 +523,10 @@ async fn two_outbox_readers_share_the_rows_without_duplicates() {
     seen.sort_unstable();
     assert_eq!(seen, (1..=200).collect::<Vec<_>>());
     let open: i64 = db
-        .query_one(&format!("SELECT count(*) FROM {t} WHERE done_at IS NULL"), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM {t} WHERE done_at IS NULL"),
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -522,9 +553,12 @@ async fn listen_turns_notifications_into_messages() {
     // LISTEN is in place once the source reports healthy and has run its statement; retry the
     // first notification until it arrives.
     for i in 0..50 {
-        db.execute("SELECT pg_notify($1, $2)", &[&channel, &format!("hello {i}")])
-            .await
-            .unwrap();
+        db.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&channel, &format!("hello {i}")],
+        )
+        .await
+        .unwrap();
         if dispatch.count() > 0 {
             break;
         }
@@ -577,7 +611,10 @@ async fn bench_sink_against_hand_written_copy() {
             let b = body(i);
             data.push_str(&format!(
                 "{}\t{}\t{}\t{}\n",
-                b["id"], b["name"].as_str().unwrap(), b["amount"], b["doc"]
+                b["id"],
+                b["name"].as_str().unwrap(),
+                b["amount"],
+                b["doc"]
             ));
         }
         let tx = hand.transaction().await.unwrap();

@@ -217,7 +217,9 @@ mod checkpoint_tests {
         assert!(checkpoints.store().is_err());
         let memory: Arc<Memory> = Arc::default();
         let shared = Arc::clone(&memory);
-        checkpoints.install(Box::new(move || Ok(Arc::clone(&shared) as Arc<dyn CheckpointStore>)));
+        checkpoints.install(Box::new(move || {
+            Ok(Arc::clone(&shared) as Arc<dyn CheckpointStore>)
+        }));
         checkpoints.install(Box::new(|| Err("second".into())));
         let store = checkpoints.store().unwrap();
         store.put("k", b"v".to_vec()).await.unwrap();

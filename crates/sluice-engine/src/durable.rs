@@ -128,13 +128,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let resources = Resources::default();
-            resources.get_or_default::<DurableStore>().set_dir(dir.path());
+            resources
+                .get_or_default::<DurableStore>()
+                .set_dir(dir.path());
             install_checkpoints(&resources);
             let store = resources.get_or_default::<Checkpoints>().store().unwrap();
             store.put("poll/orders", b"7".to_vec()).await.unwrap();
         }
         let resources = Resources::default();
-        resources.get_or_default::<DurableStore>().set_dir(dir.path());
+        resources
+            .get_or_default::<DurableStore>()
+            .set_dir(dir.path());
         install_checkpoints(&resources);
         let store = resources.get_or_default::<Checkpoints>().store().unwrap();
         assert_eq!(store.get("poll/orders").await.unwrap(), Some(b"7".to_vec()));

@@ -15,7 +15,8 @@ use serde_json::{Map, Number, Value};
 use sluice_core::{BuildError, ErrorKind, ProcessError, Resources};
 
 use crate::sql::{
-    ConnectionOptions, Database, Mode, OnConflict, RowData, WritePlan, redact, timed_out, unavailable,
+    ConnectionOptions, Database, Mode, OnConflict, RowData, WritePlan, redact, timed_out,
+    unavailable,
 };
 
 /// Most placeholders MySQL takes in one statement.
@@ -174,10 +175,13 @@ fn value_to_json(value: &mysql_async::Value, ty: ColumnType, charset: u16) -> Va
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned())),
             ColumnType::MYSQL_TYPE_DECIMAL | ColumnType::MYSQL_TYPE_NEWDECIMAL => {
                 let text = String::from_utf8_lossy(bytes);
-                text.parse::<i64>().map(Value::from).unwrap_or_else(|_| {
-                    text.parse::<f64>()
-                        .map_or_else(|_| Value::String(text.to_string()), float)
-                })
+                text.parse::<i64>().map_or_else(
+                    |_| {
+                        text.parse::<f64>()
+                            .map_or_else(|_| Value::String(text.to_string()), float)
+                    },
+                    Value::from,
+                )
             }
             ColumnType::MYSQL_TYPE_TINY_BLOB
             | ColumnType::MYSQL_TYPE_MEDIUM_BLOB
@@ -236,11 +240,19 @@ impl MysqlDatabase {
         match tokio::time::timeout(self.connect_timeout, self.pool.get_conn()).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => Err(error(&self.what, &e)),
-            Err(_) => Err(unavailable(&self.what, "no connection within connect_timeout")),
+            Err(_) => Err(unavailable(
+                &self.what,
+                "no connection within connect_timeout",
+            )),
         }
     }
 
-    async fn run_query(&self, sql: &str, values: &[Value], mode: Mode) -> Result<Value, ProcessError> {
+    async fn run_query(
+        &self,
+        sql: &str,
+        values: &[Value],
+        mode: Mode,
+    ) -> Result<Value, ProcessError> {
         let mut conn = self.conn().await?;
         let fail = |e: mysql_async::Error| error(&self.what, &e);
         match mode {
@@ -287,9 +299,12 @@ impl MysqlDatabase {
                     }
                 }
             }
-            tx.exec_drop(insert_statement(plan, chunk.len()), Params::Positional(values))
-                .await
-                .map_err(fail)?;
+            tx.exec_drop(
+                insert_statement(plan, chunk.len()),
+                Params::Positional(values),
+            )
+            .await
+            .map_err(fail)?;
         }
         tx.commit().await.map_err(fail)
     }
@@ -345,25 +360,48 @@ mod tests {
     #[test]
     fn values_map_to_json() {
         use mysql_async::Value as V;
-        assert_eq!(value_to_json(&V::Int(-3), ColumnType::MYSQL_TYPE_LONG, 63), json!(-3));
         assert_eq!(
-            value_to_json(&V::Bytes(b"12.50".to_vec()), ColumnType::MYSQL_TYPE_NEWDECIMAL, 63),
+            value_to_json(&V::Int(-3), ColumnType::MYSQL_TYPE_LONG, 63),
+            json!(-3)
+        );
+        assert_eq!(
+            value_to_json(
+                &V::Bytes(b"12.50".to_vec()),
+                ColumnType::MYSQL_TYPE_NEWDECIMAL,
+                63
+            ),
             json!(12.5)
         );
         assert_eq!(
-            value_to_json(&V::Bytes(vec![1, 2]), ColumnType::MYSQL_TYPE_BLOB, BINARY_CHARSET),
+            value_to_json(
+                &V::Bytes(vec![1, 2]),
+                ColumnType::MYSQL_TYPE_BLOB,
+                BINARY_CHARSET
+            ),
             json!("AQI=")
         );
         assert_eq!(
-            value_to_json(&V::Bytes(b"hi".to_vec()), ColumnType::MYSQL_TYPE_VAR_STRING, 45),
+            value_to_json(
+                &V::Bytes(b"hi".to_vec()),
+                ColumnType::MYSQL_TYPE_VAR_STRING,
+                45
+            ),
             json!("hi")
         );
         assert_eq!(
-            value_to_json(&V::Date(2024, 5, 1, 10, 0, 7, 0), ColumnType::MYSQL_TYPE_DATETIME, 63),
+            value_to_json(
+                &V::Date(2024, 5, 1, 10, 0, 7, 0),
+                ColumnType::MYSQL_TYPE_DATETIME,
+                63
+            ),
             json!("2024-05-01T10:00:07Z")
         );
         assert_eq!(
-            value_to_json(&V::Date(2024, 5, 1, 0, 0, 0, 0), ColumnType::MYSQL_TYPE_DATE, 63),
+            value_to_json(
+                &V::Date(2024, 5, 1, 0, 0, 0, 0),
+                ColumnType::MYSQL_TYPE_DATE,
+                63
+            ),
             json!("2024-05-01")
         );
         assert!(matches!(param(&json!({"a": 1})), V::Bytes(b) if b == br#"{"a":1}"#));

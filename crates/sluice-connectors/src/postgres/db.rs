@@ -35,7 +35,10 @@ pub fn error(what: &str, e: &tokio_postgres::Error) -> ProcessError {
         };
         return ProcessError::new(
             kind,
-            format!("{what} refused the statement: {} (SQLSTATE {code})", db.message()),
+            format!(
+                "{what} refused the statement: {} (SQLSTATE {code})",
+                db.message()
+            ),
         );
     }
     let text = e.to_string();
@@ -134,10 +137,14 @@ impl PgDatabase {
             .await
             .map_err(fail)?;
         }
-        let mut data = Vec::with_capacity(rows.iter().map(|r| match r {
-            RowData::CopyText(line) => line.len(),
-            RowData::Values(_) => 64,
-        }).sum());
+        let mut data = Vec::with_capacity(
+            rows.iter()
+                .map(|r| match r {
+                    RowData::CopyText(line) => line.len(),
+                    RowData::Values(_) => 64,
+                })
+                .sum(),
+        );
         for row in rows {
             match row {
                 RowData::CopyText(line) => data.extend_from_slice(line),

@@ -120,8 +120,7 @@ impl ListenSource {
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             // Polling the messages also drives the connection; the task ends with it.
-            let mut messages =
-                futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 let item = match message {
                     Ok(AsyncMessage::Notification(n)) => Ok(n),
@@ -146,7 +145,10 @@ impl Source for ListenSource {
         let mut backoff = Backoff::default();
         loop {
             let Some((client, mut notifications)) =
-                connect(&self.what, &health, &ctx.shutdown, &mut backoff, || self.open()).await
+                connect(&self.what, &health, &ctx.shutdown, &mut backoff, || {
+                    self.open()
+                })
+                .await
             else {
                 return Ok(());
             };

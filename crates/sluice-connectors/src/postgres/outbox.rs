@@ -143,7 +143,10 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, 
     let (url, options, rest) = crate::sql::take_connection(config)?;
     let c: Config = crate::config::parse(&rest)?;
     let table = Backend::Postgres.quote_ident(&c.table).ok_or_else(|| {
-        BuildError::field("table", "must be `name` or `schema.name` made of letters, digits and `_`")
+        BuildError::field(
+            "table",
+            "must be `name` or `schema.name` made of letters, digits and `_`",
+        )
     })?;
     if c.batch_size < 1 {
         return Err(BuildError::field("batch_size", "must be at least 1"));
@@ -178,7 +181,11 @@ fn message_of(row: &Row) -> Result<(i64, Message), String> {
         &Type::INT2 => i64::from(row.try_get::<_, i16>(0).map_err(|e| e.to_string())?),
         &Type::INT4 => i64::from(row.try_get::<_, i32>(0).map_err(|e| e.to_string())?),
         &Type::INT8 => row.try_get::<_, i64>(0).map_err(|e| e.to_string())?,
-        other => return Err(format!("`id` is of type {other}; it must be an integer column")),
+        other => {
+            return Err(format!(
+                "`id` is of type {other}; it must be an integer column"
+            ));
+        }
     };
     let body = match row.columns()[1].type_() {
         &Type::JSON | &Type::JSONB => row
@@ -266,7 +273,7 @@ impl Source for OutboxSource {
                 }
                 Err(e) => {
                     health.unhealthy(format!("{}; retrying (backoff up to 1s)", e.detail));
-                    if backoff.failures() % 10 == 0 {
+                    if backoff.failures().is_multiple_of(10) {
                         tracing::warn!(flow = %ctx.flow, error = %e, "postgres_outbox batch failed; its rows stay in the outbox");
                     }
                     Some(backoff.next_delay())

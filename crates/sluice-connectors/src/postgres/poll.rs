@@ -141,7 +141,10 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, 
         return Err(BuildError::field("interval", "must be longer than 0s"));
     }
     if c.checkpoint.as_deref().is_some_and(str::is_empty) {
-        return Err(BuildError::field("checkpoint", "is empty; give a key or leave it out"));
+        return Err(BuildError::field(
+            "checkpoint",
+            "is empty; give a key or leave it out",
+        ));
     }
     let checkpoints = ctx.resources.get_or_default::<Checkpoints>();
     Ok(Box::new(PollSource {
@@ -218,7 +221,7 @@ impl Source for PollSource {
                 Ok(_) => Vec::new(),
                 Err(e) => {
                     health.unhealthy(format!("{}; retrying (backoff up to 1s)", e.detail));
-                    if backoff.failures() % 10 == 0 {
+                    if backoff.failures().is_multiple_of(10) {
                         tracing::warn!(flow = %ctx.flow, error = %e, "postgres_poll query failed; retrying");
                     }
                     if !pause(&ctx, backoff.next_delay()).await {

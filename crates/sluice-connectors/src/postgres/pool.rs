@@ -60,7 +60,9 @@ pub fn shared(
         .max_size(options.pool_size)
         .runtime(Runtime::Tokio1)
         .create_timeout(Some(options.connect_timeout.0))
-        .wait_timeout(Some(options.connect_timeout.0 + options.statement_timeout.0))
+        .wait_timeout(Some(
+            options.connect_timeout.0 + options.statement_timeout.0,
+        ))
         .build()
         .map_err(|e| BuildError::field("url", format!("cannot create the pool: {e}")))?;
     let db = Arc::new(PgDatabase::new(
@@ -157,7 +159,9 @@ mod tests {
             ca_file: Some("/nonexistent/ca.pem".into()),
             ..ConnectionOptions::default()
         };
-        let err = connection("postgres://u@127.0.0.1/test", &bad_ca).err().unwrap();
+        let err = connection("postgres://u@127.0.0.1/test", &bad_ca)
+            .err()
+            .unwrap();
         assert_eq!(err.field.as_deref(), Some("ca_file"));
     }
 }

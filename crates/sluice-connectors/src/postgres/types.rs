@@ -59,7 +59,10 @@ fn column_value(row: &Row, i: usize, ty: &Type) -> Result<Value, BoxError> {
             Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
         }),
         Type::TIMESTAMP => opt(get::<NaiveDateTime>(row, i)?, |t| {
-            Value::String(t.and_utc().to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+            Value::String(
+                t.and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            )
         }),
         Type::DATE => opt(get::<NaiveDate>(row, i)?, |d| Value::String(d.to_string())),
         Type::TIME => opt(get::<NaiveTime>(row, i)?, |t| Value::String(t.to_string())),
@@ -174,7 +177,10 @@ fn encode_numeric(text: &str, out: &mut BytesMut) -> Result<(), BoxError> {
     };
     let (int_part, frac_part) = unsigned.split_once('.').unwrap_or((unsigned, ""));
     if int_part.is_empty() && frac_part.is_empty()
-        || !int_part.bytes().chain(frac_part.bytes()).all(|b| b.is_ascii_digit())
+        || !int_part
+            .bytes()
+            .chain(frac_part.bytes())
+            .all(|b| b.is_ascii_digit())
     {
         return Err(bad());
     }
@@ -191,10 +197,7 @@ fn encode_numeric(text: &str, out: &mut BytesMut) -> Result<(), BoxError> {
     let mut groups: Vec<i16> = all
         .as_bytes()
         .chunks(4)
-        .map(|c| {
-            c.iter()
-                .fold(0i16, |acc, d| acc * 10 + i16::from(d - b'0'))
-        })
+        .map(|c| c.iter().fold(0i16, |acc, d| acc * 10 + i16::from(d - b'0')))
         .collect();
     let int_groups = (int_part.len() + int_pad) / 4;
     let mut weight = i32::try_from(int_groups).map_err(|_| bad())? - 1;
@@ -376,7 +379,10 @@ fn copy_escape(text: &str, out: &mut Vec<u8>) {
 
 fn copy_escape_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     // Most values need no escape: copy them whole.
-    if !bytes.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t')) {
+    if !bytes
+        .iter()
+        .any(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'))
+    {
         out.extend_from_slice(bytes);
         return;
     }
@@ -455,7 +461,11 @@ mod tests {
                 .to_sql(&Type::TIMESTAMPTZ, &mut out)
                 .is_ok()
         );
-        assert!(Param(&json!("yesterday")).to_sql(&Type::TIMESTAMPTZ, &mut out).is_err());
+        assert!(
+            Param(&json!("yesterday"))
+                .to_sql(&Type::TIMESTAMPTZ, &mut out)
+                .is_err()
+        );
         assert!(matches!(
             Param(&Value::Null).to_sql(&Type::INT4, &mut out),
             Ok(IsNull::Yes)

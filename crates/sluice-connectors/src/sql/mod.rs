@@ -233,10 +233,16 @@ pub fn take_connection(config: &Value) -> Result<(String, ConnectionOptions, Val
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .filter(|n| *n >= 1)
-                .ok_or_else(|| BuildError::field("pool_size", "must be a whole number of at least 1"))?,
+                .ok_or_else(|| {
+                    BuildError::field("pool_size", "must be a whole number of at least 1")
+                })?,
             None => defaults.pool_size,
         },
-        statement_timeout: duration_field(&options, "statement_timeout", defaults.statement_timeout)?,
+        statement_timeout: duration_field(
+            &options,
+            "statement_timeout",
+            defaults.statement_timeout,
+        )?,
         connect_timeout: duration_field(&options, "connect_timeout", defaults.connect_timeout)?,
         ca_file: options
             .get("ca_file")
@@ -339,10 +345,7 @@ mod tests {
             pg.quote_ident("sales.orders").as_deref(),
             Some("\"sales\".\"orders\"")
         );
-        assert_eq!(
-            Backend::Mysql.quote_ident("t_1").as_deref(),
-            Some("`t_1`")
-        );
+        assert_eq!(Backend::Mysql.quote_ident("t_1").as_deref(), Some("`t_1`"));
         for bad in ["", "a.b.c", "1a", "a;drop", "a\"b", "a b", "a-b", "a."] {
             assert_eq!(pg.quote_ident(bad), None, "{bad}");
         }
@@ -372,8 +375,9 @@ mod tests {
         let err = take_connection(&serde_json::json!({"url": "postgres://h", "pool_size": 0}))
             .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("pool_size"));
-        let err = take_connection(&serde_json::json!({"url": "postgres://h", "statement_timeout": "0s"}))
-            .unwrap_err();
+        let err =
+            take_connection(&serde_json::json!({"url": "postgres://h", "statement_timeout": "0s"}))
+                .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("statement_timeout"));
     }
 }

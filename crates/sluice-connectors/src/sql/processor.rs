@@ -126,10 +126,16 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let (url, options, rest) = super::take_connection(config)?;
     let c: Config = crate::config::parse(&rest)?;
     if c.query.trim().is_empty() {
-        return Err(BuildError::field("query", "is empty; write one SQL statement"));
+        return Err(BuildError::field(
+            "query",
+            "is empty; write one SQL statement",
+        ));
     }
     if c.into.as_deref().is_some_and(str::is_empty) {
-        return Err(BuildError::field("into", "is empty; name a body key or leave it out"));
+        return Err(BuildError::field(
+            "into",
+            "is empty; name a body key or leave it out",
+        ));
     }
     let params = compile_all(ctx, "params", &c.params)?;
     Ok(Arc::new(SqlProcessor {
@@ -170,11 +176,7 @@ pub(crate) async fn first_output(
 }
 
 /// Tells the component's health about a result: down while the database is unreachable.
-pub(crate) fn report<T>(
-    health: &HealthHandle,
-    what: &str,
-    result: &Result<T, ProcessError>,
-) {
+pub(crate) fn report<T>(health: &HealthHandle, what: &str, result: &Result<T, ProcessError>) {
     match result {
         Err(e) if e.kind == ErrorKind::Unavailable => {
             health.unhealthy(format!("{}; retrying on the next message", e.detail));

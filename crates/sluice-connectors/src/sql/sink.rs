@@ -15,9 +15,7 @@ use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink,
-};
+use sluice_core::{BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -232,7 +230,8 @@ struct SqlSink {
 pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
     let (url, options, rest) = super::take_connection(config)?;
     let c: Config = crate::config::parse(&rest)?;
-    let backend = Backend::of(&url).ok_or_else(|| BuildError::field("url", "is not a database url"))?;
+    let backend =
+        Backend::of(&url).ok_or_else(|| BuildError::field("url", "is not a database url"))?;
     let table = backend.quote_ident(&c.table).ok_or_else(|| {
         BuildError::field(
             "table",
@@ -256,14 +255,24 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Bu
     }
     let mut quoted = Vec::with_capacity(names.len());
     for name in &names {
-        quoted.push(backend.quote_ident(name).filter(|_| !name.contains('.')).ok_or_else(|| {
-            BuildError::field(
-                "columns",
-                format!("`{name}` is not a plain column name (letters, digits and `_`)"),
-            )
-        })?);
+        quoted.push(
+            backend
+                .quote_ident(name)
+                .filter(|_| !name.contains('.'))
+                .ok_or_else(|| {
+                    BuildError::field(
+                        "columns",
+                        format!("`{name}` is not a plain column name (letters, digits and `_`)"),
+                    )
+                })?,
+        );
     }
-    if names.iter().collect::<std::collections::BTreeSet<_>>().len() != names.len() {
+    if names
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        != names.len()
+    {
         return Err(BuildError::field("columns", "names a column twice"));
     }
     let mut key = Vec::new();
@@ -351,8 +360,7 @@ impl Writer {
                 let room = self.batch_size - batch.len();
                 // Whatever is queued now joins at once; then wait for more until the deadline.
                 if rx.is_empty() {
-                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await
-                    {
+                    match tokio::time::timeout_at(deadline, rx.recv_many(&mut batch, room)).await {
                         Ok(n) if n > 0 => {}
                         _ => break,
                     }
@@ -433,7 +441,12 @@ mod tests {
 
     #[async_trait]
     impl Database for Nothing {
-        async fn query(&self, _: &str, _: &[Value], _: super::super::Mode) -> Result<Value, ProcessError> {
+        async fn query(
+            &self,
+            _: &str,
+            _: &[Value],
+            _: super::super::Mode,
+        ) -> Result<Value, ProcessError> {
             Ok(Value::Null)
         }
         async fn write(&self, _: &WritePlan, _: &[&RowData]) -> Result<(), ProcessError> {
@@ -482,6 +495,9 @@ mod tests {
         assert_eq!(rows, vec![&row(1, "z"), &row(2, "y")]);
         let rows = writer(OnConflict::Ignore, vec![0]).merge_keys(&batch);
         assert_eq!(rows, vec![&row(1, "x"), &row(2, "y")]);
-        assert_eq!(writer(OnConflict::Error, vec![]).merge_keys(&batch).len(), 3);
+        assert_eq!(
+            writer(OnConflict::Error, vec![]).merge_keys(&batch).len(),
+            3
+        );
     }
 }

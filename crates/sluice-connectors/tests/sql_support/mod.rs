@@ -54,7 +54,10 @@ fn merged(defaults: Value, config: Value) -> Value {
     Value::Object(map)
 }
 
-pub fn try_processor(config: Value, resources: &Arc<Resources>) -> Result<Arc<dyn Processor>, BuildError> {
+pub fn try_processor(
+    config: Value,
+    resources: &Arc<Resources>,
+) -> Result<Arc<dyn Processor>, BuildError> {
     let (defaults, f) = factory(ComponentKind::Processor, "sql");
     let Factory::Processor(f) = f else { panic!() };
     f(&merged(defaults, config), &ctx(resources))
@@ -78,7 +81,11 @@ pub fn sink_named(config: Value, resources: &Arc<Resources>) -> Arc<dyn Sink> {
     sink(config, resources)
 }
 
-pub fn build_source_named(name: &str, config: Value, resources: &Arc<Resources>) -> Box<dyn Source> {
+pub fn build_source_named(
+    name: &str,
+    config: Value,
+    resources: &Arc<Resources>,
+) -> Box<dyn Source> {
     let (defaults, f) = factory(ComponentKind::Source, name);
     let Factory::Source(f) = f else { panic!() };
     match f(&merged(defaults, config), &ctx(resources)) {
@@ -136,7 +143,9 @@ impl MemoryCheckpoints {
         let store = self.clone();
         resources
             .get_or_default::<Checkpoints>()
-            .install(Box::new(move || Ok(Arc::new(store.clone()) as Arc<dyn CheckpointStore>)));
+            .install(Box::new(move || {
+                Ok(Arc::new(store.clone()) as Arc<dyn CheckpointStore>)
+            }));
         resources
     }
 
