@@ -1,7 +1,11 @@
 //! The `sql` processor and sink against the real MariaDB on 127.0.0.1:3306 (database `test`).
 #![cfg(feature = "mysql")]
 // Test helpers outside #[test] fns may panic on a broken fixture: that is the failure report.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::needless_pass_by_value
+)]
 
 mod common;
 mod sql_support;

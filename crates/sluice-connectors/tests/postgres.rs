@@ -2,7 +2,11 @@
 //! the `sql` processor and sink, `postgres_poll`, `postgres_outbox` and `postgres_listen`.
 #![cfg(feature = "postgres")]
 // Test helpers outside #[test] fns may panic on a broken fixture: that is the failure report.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::needless_pass_by_value
+)]
 
 mod common;
 mod sql_support;

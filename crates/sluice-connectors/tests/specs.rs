@@ -23,12 +23,7 @@ use sluice_core::spec::ComponentKind;
 fn every_component_is_registered() {
     let reg = registry();
     // Connectors behind optional features (on when the whole workspace is built) come on top.
-    let optional = [
-        "postgres_listen",
-        "postgres_outbox",
-        "postgres_poll",
-        "sql",
-    ];
+    let optional = ["postgres_listen", "postgres_outbox", "postgres_poll", "sql"];
     let base = |kind| -> Vec<&str> {
         reg.names(kind)
             .into_iter()
