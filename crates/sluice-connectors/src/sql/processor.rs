@@ -35,9 +35,9 @@ PostgreSQL column of another type fails with a message asking to cast it (`x::te
 Parameters are converted to the placeholder's type: a string for `timestamptz` is parsed as RFC \
 3339, a base64 string for `bytea`, any JSON for `json`/`jsonb`.
 
-**Delivery guarantee.** The statement runs once per message, in autocommit; a failure goes to \
-the flow's error handling. A writing statement retried there may run twice: make it idempotent \
-(`ON CONFLICT DO NOTHING`, upserts).
+**Delivery guarantee.** none needed for reads. A writing statement runs once per attempt, in \
+autocommit (at-most-once); a failure goes to the flow's error handling, and a retry there makes \
+it at-least-once, so it may run twice: make it idempotent (`ON CONFLICT DO NOTHING`, upserts).
 
 **Limits.** One statement per step (no multi-statement strings). Statements are prepared and \
 cached per connection. Results are held in memory: bound them with `LIMIT`. Errors: the \
