@@ -674,3 +674,29 @@ async fn bench_sink_against_hand_written_copy() {
     );
     db.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
+
+#[tokio::test]
+async fn sslmode_require_uses_rustls_and_verifies_the_certificate() {
+    if !up().await {
+        return;
+    }
+    let db = admin().await;
+    let ssl: String = db.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" {
+        eprintln!("SKIPPED: this PostgreSQL has ssl off");
+        return;
+    }
+    // The server's certificate (Debian's self-signed snakeoil) is not signed by a public root:
+    // the handshake must fail on verification, never fall back to plain text.
+    let resources = Arc::new(Resources::default());
+    let step = processor(
+        json!({"url": format!("{URL}?sslmode=require"), "query": "SELECT 1 AS one"}),
+        &resources,
+    );
+    let err = run_step(&step, Message::json(json!(null))).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.detail.to_lowercase().contains("certificate") || err.detail.contains("tls"),
+        "{err}"
+    );
+}

@@ -46,7 +46,22 @@ pub fn error(what: &str, e: &tokio_postgres::Error) -> ProcessError {
         let cause = std::error::Error::source(e).map_or(String::new(), |s| format!(": {s}"));
         return ProcessError::invalid_input(format!("{text}{cause}"));
     }
-    unavailable(what, e)
+    unavailable(what, with_causes(e))
+}
+
+/// The error and its causes (`error performing TLS handshake: invalid peer certificate: ...`).
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl PgDatabase {
