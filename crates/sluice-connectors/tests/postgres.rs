@@ -693,7 +693,9 @@ async fn sslmode_require_uses_rustls_and_verifies_the_certificate() {
         json!({"url": format!("{URL}?sslmode=require"), "query": "SELECT 1 AS one"}),
         &resources,
     );
-    let err = run_step(&step, Message::json(json!(null))).await.unwrap_err();
+    let err = run_step(&step, Message::json(json!(null)))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
     assert!(
         err.detail.to_lowercase().contains("certificate") || err.detail.contains("tls"),
