@@ -178,3 +178,56 @@ async fn an_unreachable_server_is_unavailable() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_sink_reconnects_after_the_server_comes_back() {
+    if !up().await {
+        return;
+    }
+    let proxy = sluice_testkit::proxy::TcpProxy::start(ADDR.parse().unwrap()).await;
+    let resources = Arc::new(Resources::default());
+    let t = unique("sluice_myre");
+    exec(
+        &resources,
+        &format!("CREATE TABLE {t} (id int PRIMARY KEY)"),
+    )
+    .await;
+    let sink = sink(
+        json!({"url": format!("mysql://root@{}/test", proxy.addr()), "table": t, "columns": ["id"], "connect_timeout": "1s"}),
+        &resources,
+    );
+    sink.deliver(&Message::json(json!({"id": 1})))
+        .await
+        .unwrap();
+    proxy.refuse().await;
+    let err = sink
+        .deliver(&Message::json(json!({"id": 2})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Unavailable, "{err}");
+    assert!(
+        !sluice_core::ComponentHealth::of(&resources)
+            .problems("test-flow")
+            .is_empty()
+    );
+    proxy.up().await;
+    // The flow's retry policy would send it again: the first attempt after the outage succeeds
+    // or fails as unavailable, never silently.
+    let mut ok = false;
+    for _ in 0..3 {
+        match sink.deliver(&Message::json(json!({"id": 2}))).await {
+            Ok(()) => {
+                ok = true;
+                break;
+            }
+            Err(e) => {
+                eprintln!("attempt after the outage failed: {e}");
+                assert_eq!(e.kind, ErrorKind::Unavailable, "{e}");
+            }
+        }
+    }
+    assert!(ok, "the sink did not recover");
+    let count = exec(&resources, &format!("SELECT count(*) AS n FROM {t}")).await;
+    assert_eq!(count, json!([{"n": 2}]));
+    exec(&resources, &format!("DROP TABLE {t}")).await;
+}
