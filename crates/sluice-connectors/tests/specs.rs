@@ -22,26 +22,36 @@ use sluice_core::spec::ComponentKind;
 #[test]
 fn every_component_is_registered() {
     let reg = registry();
-    // Connectors behind optional features (on when the whole workspace is built) come on top.
-    let optional = ["postgres_listen", "postgres_outbox", "postgres_poll", "sql"];
-    let base = |kind| -> Vec<&str> {
-        reg.names(kind)
-            .into_iter()
-            .filter(|n| !optional.contains(n))
-            .collect()
-    };
-    assert_eq!(base(ComponentKind::Source), ["file", "http", "timer"]);
-    assert_eq!(base(ComponentKind::Processor), ["http"]);
-    assert_eq!(base(ComponentKind::Sink), ["file", "http", "log", "stdout"]);
-    if cfg!(feature = "postgres") {
-        assert!(reg.get(ComponentKind::Source, "postgres_poll").is_some());
-        assert!(reg.get(ComponentKind::Source, "postgres_outbox").is_some());
-        assert!(reg.get(ComponentKind::Source, "postgres_listen").is_some());
+    let (mut sources, mut processors, mut sinks) = (
+        vec!["file", "http", "timer"],
+        vec!["http"],
+        vec!["file", "http", "log", "stdout"],
+    );
+    #[cfg(feature = "nats")]
+    {
+        sources.extend(["jetstream", "nats"]);
+        processors.push("nats");
+        sinks.extend(["jetstream", "nats"]);
     }
-    if cfg!(any(feature = "postgres", feature = "mysql")) {
-        assert!(reg.get(ComponentKind::Processor, "sql").is_some());
-        assert!(reg.get(ComponentKind::Sink, "sql").is_some());
+    #[cfg(feature = "redis")]
+    {
+        sources.extend(["redis_list", "redis_pubsub", "redis_stream"]);
+        processors.push("redis");
+        sinks.extend(["redis_list", "redis_pubsub", "redis_stream"]);
     }
+    #[cfg(feature = "postgres")]
+    sources.extend(["postgres_listen", "postgres_outbox", "postgres_poll"]);
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    {
+        processors.push("sql");
+        sinks.push("sql");
+    }
+    for names in [&mut sources, &mut processors, &mut sinks] {
+        names.sort_unstable();
+    }
+    assert_eq!(reg.names(ComponentKind::Source), sources);
+    assert_eq!(reg.names(ComponentKind::Processor), processors);
+    assert_eq!(reg.names(ComponentKind::Sink), sinks);
 }
 
 #[tokio::test]
@@ -157,6 +167,42 @@ fn spec_fields_match_the_config_structs() {
         (ComponentKind::Sink, "log", json!({})),
         (ComponentKind::Sink, "stdout", json!({})),
     ];
+    #[allow(unused_mut)]
+    let mut samples = samples.to_vec();
+    #[cfg(feature = "nats")]
+    samples.extend([
+        (ComponentKind::Source, "nats", json!({"subject": "a"})),
+        (ComponentKind::Processor, "nats", json!({"subject": "a"})),
+        (ComponentKind::Sink, "nats", json!({"subject": "a"})),
+        (
+            ComponentKind::Source,
+            "jetstream",
+            json!({"stream": "S", "consumer": "c"}),
+        ),
+        (ComponentKind::Sink, "jetstream", json!({"subject": "a"})),
+    ]);
+    #[cfg(feature = "redis")]
+    samples.extend([
+        (
+            ComponentKind::Source,
+            "redis_stream",
+            json!({"stream": "s", "group": "g"}),
+        ),
+        (ComponentKind::Sink, "redis_stream", json!({"stream": "s"})),
+        (ComponentKind::Source, "redis_list", json!({"list": "q"})),
+        (ComponentKind::Sink, "redis_list", json!({"list": "q"})),
+        (
+            ComponentKind::Source,
+            "redis_pubsub",
+            json!({"channel": "c"}),
+        ),
+        (ComponentKind::Sink, "redis_pubsub", json!({"channel": "c"})),
+        (
+            ComponentKind::Processor,
+            "redis",
+            json!({"command": "get", "key": "k"}),
+        ),
+    ]);
     for (kind, name, required) in samples {
         let (spec, factory) = reg.get(kind, name).unwrap();
         let mut config = with_defaults(spec, &required);

@@ -13,4 +13,6 @@ mod support;
 mod conformance;
 
 mod http;
+mod nats;
 mod postgres;
+mod redis;
