@@ -24,10 +24,16 @@ pub mod file;
 pub mod http;
 #[cfg(feature = "log")]
 pub mod log;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "nats")]
 pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub mod sql;
 #[cfg(feature = "timer")]
 pub mod timer;
 
@@ -53,6 +59,17 @@ pub fn register_all(registry: &mut Registry) {
     {
         registry.sink(log::log_spec(), log::build_log);
         registry.sink(log::stdout_spec(), log::build_stdout);
+    }
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    {
+        registry.processor(sql::processor::spec(), sql::processor::build);
+        registry.sink(sql::sink::spec(), sql::sink::build);
+    }
+    #[cfg(feature = "postgres")]
+    {
+        registry.source(postgres::poll::spec(), postgres::poll::build);
+        registry.source(postgres::outbox::spec(), postgres::outbox::build);
+        registry.source(postgres::listen::spec(), postgres::listen::build);
     }
     #[cfg(feature = "nats")]
     {

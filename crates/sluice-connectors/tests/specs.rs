@@ -39,6 +39,13 @@ fn every_component_is_registered() {
         processors.push("redis");
         sinks.extend(["redis_list", "redis_pubsub", "redis_stream"]);
     }
+    #[cfg(feature = "postgres")]
+    sources.extend(["postgres_listen", "postgres_outbox", "postgres_poll"]);
+    #[cfg(any(feature = "postgres", feature = "mysql"))]
+    {
+        processors.push("sql");
+        sinks.push("sql");
+    }
     for names in [&mut sources, &mut processors, &mut sinks] {
         names.sort_unstable();
     }

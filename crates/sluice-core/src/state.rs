@@ -134,3 +134,95 @@ pub trait AggregationRepository: Send + Sync + 'static {
     /// How many groups are held.
     async fn group_count(&self) -> Result<usize, ProcessError>;
 }
+
+/// Small durable values a source keeps across restarts (a polling source's watermark), by key.
+///
+/// # Contract
+/// * [`get`](Self::get) returns the bytes last [`put`](Self::put) under `key`, also after the
+///   process restarted, or `None` if nothing was ever put.
+/// * `put` returns only once the value is durable.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync + 'static {
+    /// The value under `key`.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ProcessError>;
+
+    /// Durably replaces the value under `key`.
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), ProcessError>;
+}
+
+/// Opens the process's checkpoint store on first use (so a project without checkpoints never
+/// opens the durable store).
+pub type CheckpointOpener =
+    Box<dyn Fn() -> Result<std::sync::Arc<dyn CheckpointStore>, String> + Send + Sync>;
+
+/// Where components find the process's [`CheckpointStore`]; lives in
+/// [`Resources`](crate::Resources). The engine installs the opener before building sources, so
+/// connectors depend only on this crate.
+#[derive(Default)]
+pub struct Checkpoints {
+    opener: std::sync::OnceLock<CheckpointOpener>,
+}
+
+impl Checkpoints {
+    /// Installs how to open the store; the first installation wins.
+    pub fn install(&self, opener: CheckpointOpener) {
+        let _ = self.opener.set(opener);
+    }
+
+    /// Whether a store was installed.
+    pub fn is_installed(&self) -> bool {
+        self.opener.get().is_some()
+    }
+
+    /// The store, opened if needed; an error says why it cannot be.
+    pub fn store(&self) -> Result<std::sync::Arc<dyn CheckpointStore>, String> {
+        match self.opener.get() {
+            Some(open) => open(),
+            None => Err("this runtime has no checkpoint store".to_owned()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Checkpoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoints")
+            .field("installed", &self.is_installed())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Memory(Mutex<HashMap<String, Vec<u8>>>);
+
+    #[async_trait]
+    impl CheckpointStore for Memory {
+        async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ProcessError> {
+            Ok(self.0.lock().unwrap().get(key).cloned())
+        }
+        async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), ProcessError> {
+            self.0.lock().unwrap().insert(key.to_owned(), value);
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn not_installed_is_a_clear_error_then_the_first_opener_wins() {
+        let checkpoints = Checkpoints::default();
+        assert!(checkpoints.store().is_err());
+        let memory: Arc<Memory> = Arc::default();
+        let shared = Arc::clone(&memory);
+        checkpoints.install(Box::new(move || {
+            Ok(Arc::clone(&shared) as Arc<dyn CheckpointStore>)
+        }));
+        checkpoints.install(Box::new(|| Err("second".into())));
+        let store = checkpoints.store().unwrap();
+        store.put("k", b"v".to_vec()).await.unwrap();
+        assert_eq!(memory.get("k").await.unwrap(), Some(b"v".to_vec()));
+    }
+}

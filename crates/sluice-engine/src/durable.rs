@@ -8,7 +8,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use sluice_core::BuildError;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sluice_core::state::{CheckpointStore, Checkpoints};
+use sluice_core::{BuildError, ErrorKind, ProcessError, Resources};
 use sluice_store::{Store, StoreOptions};
 
 /// The data directory used when none is configured.
@@ -80,9 +84,66 @@ impl DurableStore {
     }
 }
 
+/// Installs the process's [`Checkpoints`] in `resources`: backed by this store, opened on first
+/// use (so a project whose sources keep no checkpoint never opens it).
+pub fn install_checkpoints(resources: &Resources) {
+    let checkpoints = resources.get_or_default::<Checkpoints>();
+    if checkpoints.is_installed() {
+        return;
+    }
+    let durable = resources.get_or_default::<DurableStore>();
+    checkpoints.install(Box::new(move || {
+        let store = durable.store().map_err(|e| e.message)?;
+        Ok(Arc::new(StoreCheckpoints(store.checkpoints())) as Arc<dyn CheckpointStore>)
+    }));
+}
+
+/// [`CheckpointStore`] over the store's `checkpoints` table.
+struct StoreCheckpoints(sluice_store::Checkpoints);
+
+fn unavailable(error: &sluice_store::StoreError) -> ProcessError {
+    ProcessError::new(
+        ErrorKind::Unavailable,
+        format!("the durable store cannot keep the checkpoint: {error}"),
+    )
+}
+
+#[async_trait]
+impl CheckpointStore for StoreCheckpoints {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, ProcessError> {
+        self.0.get(key).map_err(|e| unavailable(&e))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<(), ProcessError> {
+        self.0.put(key, value).await.map_err(|e| unavailable(&e))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn checkpoints_persist_in_the_data_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let resources = Resources::default();
+            resources
+                .get_or_default::<DurableStore>()
+                .set_dir(dir.path());
+            install_checkpoints(&resources);
+            let store = resources.get_or_default::<Checkpoints>().store().unwrap();
+            store.put("poll/orders", b"7".to_vec()).await.unwrap();
+        }
+        let resources = Resources::default();
+        resources
+            .get_or_default::<DurableStore>()
+            .set_dir(dir.path());
+        install_checkpoints(&resources);
+        let store = resources.get_or_default::<Checkpoints>().store().unwrap();
+        assert_eq!(store.get("poll/orders").await.unwrap(), Some(b"7".to_vec()));
+        assert_eq!(store.get("other").await.unwrap(), None);
+    }
 
     #[test]
     fn opens_once_in_the_configured_directory_and_reports_a_lock_clearly() {

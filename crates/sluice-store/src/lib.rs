@@ -26,7 +26,7 @@
 //! (next_seq, fresh_cursor)`, `queue_in_flight (channel, seq) -> (visible_at, deliveries,
 //! state)`, `queue_visible_at (channel, visible_at, seq)` (index), `dead_letters id -> frame`,
 //! `dead_letter_replays replay_id -> id`, `counters`, `idempotent_keys (repo, key) -> (state,
-//! expires_at)`, `idempotent_expiry (expires_at, repo, key)` (index).
+//! expires_at)`, `idempotent_expiry (expires_at, repo, key)` (index), `checkpoints key -> bytes`.
 //!
 //! A lease reads the visibility index up to now (expired leases, elapsed nacks), then fresh
 //! records from the channel's cursor; ack deletes the record and its in-flight entries. Every
@@ -90,6 +90,7 @@
 
 pub mod codec;
 
+mod checkpoint;
 mod clock;
 mod dead_letter;
 mod error;
@@ -105,6 +106,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use checkpoint::Checkpoints;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dead_letter::{
     DeadLetter, DeadLetters, Filter, NewDeadLetter, Page, Replay, ReplayMark, ReplayOutcome,

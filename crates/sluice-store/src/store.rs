@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use redb::{Database, StorageBackend, WriteTransaction};
 
+use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, SystemClock};
 use crate::dead_letter::DeadLetters;
 use crate::error::StoreError;
@@ -195,6 +196,11 @@ impl Store {
         DeadLetters::new(Arc::clone(&self.inner))
     }
 
+    /// The checkpoints (small values kept across restarts, by key).
+    pub fn checkpoints(&self) -> Checkpoints {
+        Checkpoints::new(Arc::clone(&self.inner))
+    }
+
     /// The idempotency keys of repository `name`.
     pub fn idempotent_keys(&self, name: &str) -> IdempotentKeys {
         IdempotentKeys::new(Arc::clone(&self.inner), name)
@@ -229,5 +235,6 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(tables::COUNTERS)?;
     txn.open_table(tables::IDEMPOTENT)?;
     txn.open_table(tables::IDEMPOTENT_EXPIRY)?;
+    txn.open_table(tables::CHECKPOINTS)?;
     Ok(())
 }

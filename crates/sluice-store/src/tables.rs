@@ -45,3 +45,6 @@ pub(crate) const IDEMPOTENT: TableDefinition<(&str, &str), (u8, u64)> =
 /// `(expires_at_ms, repository, key) -> ()`: the keys by expiry, to purge without scanning.
 pub(crate) const IDEMPOTENT_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotent_expiry");
+
+/// `key -> value`: small values sources keep across restarts (a polling source's watermark).
+pub(crate) const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");

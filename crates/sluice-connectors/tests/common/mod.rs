@@ -25,8 +25,10 @@ impl StepBuilder for NoSteps {
     fn build_steps(&self, field: &str, _: &Value) -> Result<Arc<dyn Processor>, BuildError> {
         Err(BuildError::field(field, "no steps in connector tests"))
     }
-    fn compile_jq(&self, field: &str, _: &str) -> Result<Arc<dyn JqProgram>, BuildError> {
-        Err(BuildError::field(field, "no jq in connector tests"))
+    /// The engine's compiler, so components whose fields are jq build as in a flow.
+    fn compile_jq(&self, field: &str, code: &str) -> Result<Arc<dyn JqProgram>, BuildError> {
+        sluice_engine::expr::jq::compile(code, sluice_engine::expr::jq::JqLimits::default())
+            .map_err(|e| BuildError::field(field, e.to_string()))
     }
 }
 

@@ -84,6 +84,8 @@ pub fn build_source(
     registry: &Registry,
     resources: &Arc<Resources>,
 ) -> Result<Box<dyn Source>, Diagnostic> {
+    // Sources that keep a checkpoint (a polling source's watermark) find the store here.
+    crate::durable::install_checkpoints(resources);
     let diags = Mutex::new(Vec::new());
     let ctx = Ctx {
         registry,

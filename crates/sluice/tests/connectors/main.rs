@@ -14,4 +14,5 @@ mod conformance;
 
 mod http;
 mod nats;
+mod postgres;
 mod redis;
