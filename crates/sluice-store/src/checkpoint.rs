@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use redb::ReadableDatabase;
-
 use crate::error::StoreError;
 use crate::store::Inner;
 use crate::tables::CHECKPOINTS;
+use crate::writer::Room;
 
 /// The checkpoints of the store; cheap to clone.
 #[derive(Clone)]
@@ -42,7 +41,8 @@ impl Checkpoints {
         let key = key.to_owned();
         self.inner
             .writer
-            .run(1, move |txn| {
+            // A small fixed-size entry: it may use the reserve's room, like an ack.
+            .run(Room::Drains, 1, move |txn| {
                 txn.open_table(CHECKPOINTS)?
                     .insert(key.as_str(), value.as_slice())?;
                 Ok(())
