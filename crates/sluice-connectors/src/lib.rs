@@ -81,6 +81,7 @@ pub fn register_all(registry: &mut Registry) {
             nats::jetstream::build_source,
         );
         registry.sink(nats::jetstream::sink_spec(), nats::jetstream::build_sink);
+        registry.store_backend("nats_kv", nats::kv::backend());
     }
     #[cfg(feature = "redis")]
     {
@@ -91,6 +92,7 @@ pub fn register_all(registry: &mut Registry) {
         registry.source(redis::pubsub::source_spec(), redis::pubsub::build_source);
         registry.sink(redis::pubsub::sink_spec(), redis::pubsub::build_sink);
         registry.processor(redis::command::spec(), redis::command::build);
+        registry.store_backend("redis", redis::store::backend());
     }
     // Keeps the parameter used when every connector feature is off.
     let _ = registry;

@@ -538,3 +538,33 @@ async fn jetstream_keeps_pace_one_message_at_a_time() {
     task.await.unwrap().unwrap();
     js_context().await.delete_stream(&stream).await.unwrap();
 }
+
+#[tokio::test]
+async fn the_nats_kv_store_backend_is_registered() {
+    if !up().await {
+        return;
+    }
+    let res = resources();
+    let bucket = unique("it_kv_backend");
+    let backend = registry().get_store_backend("nats_kv").expect("registered");
+    let repository = (backend.repository)(&json!({"bucket": bucket}), &ctx(&res)).unwrap();
+    assert_eq!(
+        repository
+            .try_claim("k", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(
+        repository
+            .try_claim("k", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        Claim::Duplicate
+    );
+    let e = (backend.cache)(&json!({"bucket": "a.b"}), &ctx(&res))
+        .err()
+        .unwrap();
+    assert_eq!(e.field.as_deref(), Some("bucket"));
+    js_context().await.delete_key_value(&bucket).await.unwrap();
+}

@@ -422,3 +422,28 @@ async fn an_unreachable_redis_is_unhealthy_not_fatal() {
         ErrorKind::Unavailable
     );
 }
+
+#[tokio::test]
+async fn the_redis_store_backend_is_registered() {
+    if !up().await {
+        return;
+    }
+    let res = resources();
+    let prefix = format!("{}:", unique("it:backend"));
+    let backend = registry().get_store_backend("redis").expect("registered");
+    let cache = (backend.cache)(&json!({"prefix": prefix}), &ctx(&res)).unwrap();
+    let value = CachedValue {
+        body: Body::from_bytes(&b"v"[..]),
+        headers: Default::default(),
+    };
+    cache
+        .put("k", value.clone(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(cache.get("k").await.unwrap(), Some(value));
+    let e = (backend.repository)(&json!({"nope": 1}), &ctx(&res))
+        .err()
+        .unwrap();
+    assert_eq!(e.field.as_deref(), Some("nope"));
+    let _: () = conn().await.del(format!("{prefix}k")).await.unwrap();
+}

@@ -100,6 +100,17 @@ pub trait StepBuilder: Send + Sync {
     /// Compiles a jq expression found at `field`, so components share one compiler and one set of
     /// limits.
     fn compile_jq(&self, field: &str, code: &str) -> Result<Arc<dyn JqProgram>, BuildError>;
+
+    /// The remote store backend `name` (`redis`, `nats_kv`, ...) for a step's `backend:`, as the
+    /// runtime's registry has it; `Err` lists the names it has. `Ok(None)` means "use the
+    /// in-memory store instead" (flow tests run without the services). By default none exists.
+    fn store_backend(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::registry::StoreBackend>, Vec<&'static str>> {
+        let _ = name;
+        Err(Vec::new())
+    }
 }
 
 /// A compiled jq program with Sluice's limits applied (time, output size, no `env`/`input`/`halt`).

@@ -17,6 +17,25 @@ pub type ProcessorFactory = fn(&Value, &BuildContext<'_>) -> Result<Arc<dyn Proc
 /// Builds a sink from its (validated) configuration.
 pub type SinkFactory = fn(&Value, &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError>;
 
+/// Builds an idempotent consumer's repository from the configuration under
+/// `backend: {<name>: ...}` (a remote store a connector provides).
+pub type RepositoryFactory = fn(
+    &Value,
+    &BuildContext<'_>,
+) -> Result<Arc<dyn crate::state::IdempotentRepository>, BuildError>;
+/// Builds a cache's store from the configuration under `backend: {<name>: ...}`.
+pub type CacheStoreFactory =
+    fn(&Value, &BuildContext<'_>) -> Result<Arc<dyn crate::state::CacheStore>, BuildError>;
+
+/// A remote store a connector provides for the stateful steps (`idempotent_consumer`, `cache`).
+#[derive(Clone, Copy)]
+pub struct StoreBackend {
+    /// Builds an idempotency repository.
+    pub repository: RepositoryFactory,
+    /// Builds a cache store.
+    pub cache: CacheStoreFactory,
+}
+
 /// A registered component: its spec and how to build it.
 #[derive(Clone)]
 pub enum Factory {
@@ -32,6 +51,7 @@ pub enum Factory {
 #[derive(Default, Clone)]
 pub struct Registry {
     entries: BTreeMap<(ComponentKind, &'static str), (ComponentSpec, Factory)>,
+    stores: BTreeMap<&'static str, StoreBackend>,
 }
 
 impl Registry {
@@ -81,6 +101,22 @@ impl Registry {
             .filter(|(k, _)| *k == kind)
             .map(|(_, n)| *n)
             .collect()
+    }
+
+    /// Registers a store backend, selected by steps with `backend: {<name>: ...}`.
+    pub fn store_backend(&mut self, name: &'static str, backend: StoreBackend) -> &mut Self {
+        self.stores.insert(name, backend);
+        self
+    }
+
+    /// The store backend called `name`.
+    pub fn get_store_backend(&self, name: &str) -> Option<StoreBackend> {
+        self.stores.get(name).copied()
+    }
+
+    /// The names of every store backend, sorted.
+    pub fn store_backend_names(&self) -> Vec<&'static str> {
+        self.stores.keys().copied().collect()
     }
 
     /// Every spec, sorted by kind then name.

@@ -17,7 +17,14 @@ use sluice_core::{ErrorKind, HealthHandle, ProcessError};
 use crate::cached::{decode_cached, encode_cached};
 use tokio::sync::OnceCell;
 
-use super::{LazyClient, describe};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sluice_core::duration::HumanDuration;
+use sluice_core::registry::StoreBackend;
+use sluice_core::{BuildContext, BuildError};
+
+use super::{LazyClient, check_url, describe};
 
 /// Where a [`NatsKv`] store keeps its values.
 #[derive(Debug, Clone)]
@@ -120,6 +127,63 @@ fn bucket_stream(options: &KvOptions) -> jetstream::stream::Config {
         discard: jetstream::stream::DiscardPolicy::New,
         num_replicas: 1,
         ..Default::default()
+    }
+}
+
+/// `backend: {nats_kv: {...}}` of an `idempotent_consumer` or a `cache`.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendConfig {
+    #[serde(default = "default_url")]
+    url: String,
+    #[serde(default)]
+    token: Option<String>,
+    bucket: String,
+    #[serde(default = "default_max_age")]
+    max_age: HumanDuration,
+}
+
+fn default_url() -> String {
+    super::DEFAULT_URL.to_owned()
+}
+fn default_max_age() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 24 * 3600))
+}
+
+fn build(config: &serde_json::Value, ctx: &BuildContext<'_>) -> Result<NatsKv, BuildError> {
+    let c: BackendConfig = crate::config::parse(config)?;
+    check_url(&c.url)?;
+    if c.bucket.is_empty()
+        || !c
+            .bucket
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(BuildError::field(
+            "bucket",
+            "use letters, digits, `-` and `_`",
+        ));
+    }
+    if c.max_age.0 < Duration::from_secs(1) {
+        return Err(BuildError::field(
+            "max_age",
+            "must be at least 1s; it bounds how long any key is kept",
+        ));
+    }
+    let options = KvOptions {
+        url: c.url,
+        token: c.token,
+        bucket: c.bucket,
+        max_age: c.max_age.0,
+    };
+    Ok(NatsKv::new(options, HealthHandle::for_component(ctx)))
+}
+
+/// The `nats_kv` store backend for `idempotent_consumer` and `cache`.
+pub fn backend() -> StoreBackend {
+    StoreBackend {
+        repository: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
+        cache: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
     }
 }
 

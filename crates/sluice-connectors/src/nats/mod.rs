@@ -37,7 +37,7 @@ pub(crate) fn connection_fields(spec: ComponentSpec) -> ComponentSpec {
         FieldSpec::new(
             "url",
             FieldType::String,
-            "Server address (`nats://host:port`, several separated by commas); user and password may be given as `nats://user:pass@host:port`.",
+            "Server address (`nats://host:port`, or `tls://host:port` for TLS with rustls and the system's root certificates; several separated by commas); user and password may be given as `nats://user:pass@host:port`.",
         )
         .default_value(DEFAULT_URL),
     )

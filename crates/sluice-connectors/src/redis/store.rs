@@ -10,7 +10,13 @@ use async_trait::async_trait;
 use sluice_core::state::{CacheStore, CachedValue, Claim, IdempotentRepository};
 use sluice_core::{BuildError, HealthHandle, ProcessError};
 
-use super::{LazyConnection, client};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sluice_core::BuildContext;
+use sluice_core::registry::StoreBackend;
+
+use super::{LazyConnection, client, default_url};
 use crate::cached::{decode_cached, encode_cached};
 
 /// An idempotency repository and cache store on one Redis database.
@@ -38,6 +44,33 @@ impl RedisStore {
         cmd: &redis::Cmd,
     ) -> Result<T, ProcessError> {
         self.conn.query(what, cmd).await
+    }
+}
+
+/// `backend: {redis: {...}}` of an `idempotent_consumer` or a `cache`.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendConfig {
+    #[serde(default = "default_url")]
+    url: String,
+    /// Put before every key; default `sluice:<flow>:<step>:`.
+    #[serde(default)]
+    prefix: Option<String>,
+}
+
+fn build(config: &serde_json::Value, ctx: &BuildContext<'_>) -> Result<RedisStore, BuildError> {
+    let c: BackendConfig = crate::config::parse(config)?;
+    let prefix = c
+        .prefix
+        .unwrap_or_else(|| format!("sluice:{}:{}:", ctx.flow, ctx.id));
+    RedisStore::new(&c.url, &prefix, HealthHandle::for_component(ctx))
+}
+
+/// The `redis` store backend for `idempotent_consumer` and `cache`.
+pub fn backend() -> StoreBackend {
+    StoreBackend {
+        repository: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
+        cache: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
     }
 }
 

@@ -469,6 +469,18 @@ fn policy_error(e: BuildError) -> BuildError {
 }
 
 impl StepBuilder for Ctx<'_> {
+    fn store_backend(
+        &self,
+        name: &str,
+    ) -> Result<Option<sluice_core::registry::StoreBackend>, Vec<&'static str>> {
+        match self.registry.get_store_backend(name) {
+            // Flow tests replace remote stores with in-memory ones, as they replace targets.
+            Some(_) if self.mocks.is_some() => Ok(None),
+            Some(backend) => Ok(Some(backend)),
+            None => Err(self.registry.store_backend_names()),
+        }
+    }
+
     fn build_steps(
         &self,
         field: &str,

@@ -83,6 +83,54 @@ same value everywhere, or leave it out here",
     Ok(store)
 }
 
+/// The remote store a step asked for with `backend: {<name>: {...}}`, built by the connector
+/// that registered `<name>`; `None` when the in-memory store is used instead (no `backend`, or a
+/// flow test). `pick` chooses the factory of the store's kind.
+pub(crate) fn remote<S: ?Sized>(
+    ctx: &sluice_core::BuildContext<'_>,
+    backend: Option<&serde_json::Value>,
+    pick: impl FnOnce(
+        sluice_core::registry::StoreBackend,
+    ) -> fn(
+        &serde_json::Value,
+        &sluice_core::BuildContext<'_>,
+    ) -> Result<Arc<S>, BuildError>,
+) -> Result<Option<Arc<S>>, BuildError> {
+    let Some(backend) = backend else {
+        return Ok(None);
+    };
+    let entry = backend
+        .as_object()
+        .filter(|map| map.len() == 1)
+        .and_then(|map| map.iter().next());
+    let Some((name, config)) = entry else {
+        return Err(BuildError::field(
+            "backend",
+            "give exactly one store, e.g. `backend: {redis: {url: \"redis://127.0.0.1:6379\"}}`",
+        ));
+    };
+    match ctx.steps.store_backend(name) {
+        Ok(Some(found)) => (pick(found))(config, ctx).map(Some).map_err(|e| {
+            BuildError::field(
+                format!(
+                    "backend.{name}{}",
+                    e.field.map(|f| format!(".{f}")).unwrap_or_default()
+                ),
+                e.message,
+            )
+        }),
+        Ok(None) => Ok(None),
+        Err(known) if known.is_empty() => Err(BuildError::field(
+            "backend",
+            format!("unknown store `{name}`: this build has no store backends"),
+        )),
+        Err(known) => Err(BuildError::field(
+            "backend",
+            format!("unknown store `{name}`; use one of: {}", known.join(", ")),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

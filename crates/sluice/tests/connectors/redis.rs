@@ -94,3 +94,42 @@ impl Connector for RedisStreams {
 }
 
 crate::conformance_tests!(RedisStreams::default());
+
+/// Two runtimes (as two instances would) with `idempotent_consumer` on one Redis store: a
+/// message sent to both is processed once.
+#[tokio::test]
+async fn two_runtimes_share_an_idempotency_store_in_redis() {
+    if !sluice_testkit::service("Redis", ADDR).await {
+        return;
+    }
+    let prefix = format!("{}:", sluice_testkit::unique("conf:idem"));
+    let dir = tempfile::tempdir().unwrap();
+    let mut runtimes = Vec::new();
+    let mut ports = Vec::new();
+    for instance in 0..2 {
+        let port = crate::support::free_port();
+        let yaml = format!(
+            "flows:\n  - name: once{instance}\n    from: {{http: {{listen: \"127.0.0.1:{port}\", path: /in}}}}\n    steps:\n      - idempotent_consumer:\n          key: .id\n          on_duplicate: fail\n          backend: {{redis: {{url: \"redis://{ADDR}\", prefix: \"{prefix}\"}}}}\n    to:\n      - log: {{level: info}}\n"
+        );
+        let path = crate::support::write_flow(&dir, &format!("once{instance}.yaml"), &yaml);
+        runtimes.push(crate::support::start(&[path], Some(port)).await);
+        ports.push(port);
+    }
+    let url = |port: u16| format!("http://127.0.0.1:{port}/in");
+    let first = crate::support::request("POST", &url(ports[0]), r#"{"id":"order-1"}"#).await;
+    assert!(first.status < 300, "first: {}", first.status);
+    let again = crate::support::request("POST", &url(ports[1]), r#"{"id":"order-1"}"#).await;
+    assert!(
+        again.status >= 400,
+        "the other instance let the duplicate through: {}",
+        again.status
+    );
+    let other = crate::support::request("POST", &url(ports[1]), r#"{"id":"order-2"}"#).await;
+    assert!(other.status < 300, "a new key: {}", other.status);
+    let stored: Vec<String> = conn().await.keys(format!("{prefix}*")).await.unwrap();
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    let _: () = conn().await.del(stored).await.unwrap();
+    for runtime in runtimes {
+        runtime.shutdown(Duration::from_secs(5)).await;
+    }
+}

@@ -51,7 +51,10 @@ the others wait for it and then read its result (if it failed, the next one comp
 **Store.** In memory, at most `max_entries` results; when full, the **least recently used** \
 result is evicted (expired results go when read or when they are least recently used). Steps giving \
 the same `store` name share one store across flows. If the store cannot be read or written the \
-message is computed as on a miss and a warning is logged: the cache never fails a message itself.",
+message is computed as on a miss and a warning is logged: the cache never fails a message itself.\n\n\
+**Remote store.** With `backend`, results live in Redis (`SET PX`) or a NATS KV bucket (each \
+value carrying its expiry), shared by every instance and kept across restarts; the same rule \
+holds: a store that cannot be reached makes a miss, never a failure.",
     )
     .field(FieldSpec::new("key", FieldType::Jq, "The jq expression giving the cache key.").required())
     .field(FieldSpec::new("steps", FieldType::Steps, "The steps computing the result on a miss.").required())
@@ -81,6 +84,11 @@ message is computed as on a miss and a warning is logged: the cache never fails 
         FieldSpec::new("max_entry_size", FieldType::ByteSize, "Results with a larger body are not cached.")
             .default_value("1MiB"),
     )
+    .field(FieldSpec::new(
+        "backend",
+        FieldType::Any,
+        "A remote store shared by every instance instead of memory: `{redis: {url, prefix}}` or `{nats_kv: {url, bucket, max_age}}` (with those connectors built in). `store` and `max_entries` do not apply; flow tests use memory.",
+    ))
     .example(
         "Cache a price lookup for a minute",
         "key: .sku\nttl: 1m\nsteps:\n  - transform: '{sku: .sku, price: 10}'\n",
@@ -104,6 +112,7 @@ struct Config {
     max_entries: Option<u64>,
     #[serde(default = "one_mebibyte")]
     max_entry_size: ByteSize,
+    backend: Option<Value>,
 }
 
 // The defaults repeat the spec's, for configurations that did not go through validation (tests).
@@ -120,17 +129,21 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let key = ctx.steps.compile_jq("key", &config.key)?;
     let steps = ctx.steps.build_steps("steps", &config.steps)?;
     let ttl = ttl::checked(config.ttl.0)?;
-    let store = named_store::resolve::<dyn CacheStore>(
-        ctx.resources,
-        &StoreRequest {
-            name: config.store.as_deref(),
-            name_field: "store",
-            capacity: config.max_entries,
-            capacity_field: "max_entries",
-            default_capacity: DEFAULT_MAX_ENTRIES,
-        },
-        |max| Arc::new(MemoryCache::new(max)),
-    )?;
+    let remote = named_store::remote::<dyn CacheStore>(ctx, config.backend.as_ref(), |b| b.cache)?;
+    let store = match remote {
+        Some(remote) => remote,
+        None => named_store::resolve::<dyn CacheStore>(
+            ctx.resources,
+            &StoreRequest {
+                name: config.store.as_deref(),
+                name_field: "store",
+                capacity: config.max_entries,
+                capacity_field: "max_entries",
+                default_capacity: DEFAULT_MAX_ENTRIES,
+            },
+            |max| Arc::new(MemoryCache::new(max)),
+        )?,
+    };
     Ok(Arc::new(Cache {
         key,
         steps,

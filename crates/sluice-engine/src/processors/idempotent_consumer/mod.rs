@@ -60,7 +60,12 @@ then fails; choose `fail` when that matters.\n\n\
 most `max_keys` of them: expired keys are purged first; when every key is live, the processed key \
 closest to expiry is forgotten early; claims of messages in flight are never evicted, and when all \
 `max_keys` keys are in flight a new message fails with `unavailable`. Steps that give the same \
-`repository` name share one repository, in one flow or across flows. Memory is lost on restart.",
+`repository` name share one repository, in one flow or across flows. Memory is lost on restart.\n\n\
+**Remote repository.** With `backend`, keys live in Redis (`SET NX PX`, keys `prefix` + key) or \
+a NATS KV bucket (atomic create/compare-and-set, each value carrying its expiry): they survive \
+restarts and are shared by every instance using the same store, so of several instances that \
+receive the same message one processes it. A store that cannot be reached fails the message with \
+`unavailable`.",
     )
     .field(
         FieldSpec::new("key", FieldType::Jq, "The jq expression giving the message's key (a string, number or boolean).")
@@ -91,6 +96,11 @@ closest to expiry is forgotten early; claims of messages in flight are never evi
         "max_keys",
         FieldType::Integer { min: Some(1), max: None },
         "Most keys the repository holds (default 10000); fixed by the first step that names a shared repository.",
+    ))
+    .field(FieldSpec::new(
+        "backend",
+        FieldType::Any,
+        "A remote repository shared by every instance instead of memory: `{redis: {url, prefix}}` or `{nats_kv: {url, bucket, max_age}}` (with those connectors built in). `repository` and `max_keys` do not apply; flow tests use memory.",
     ))
     .shorthand("key")
     .example("Drop repeated orders by id", "key: .order_id\n")
@@ -125,6 +135,7 @@ struct Config {
     ttl: HumanDuration,
     repository: Option<String>,
     max_keys: Option<u64>,
+    backend: Option<Value>,
 }
 
 // The defaults below repeat the spec's, for configurations that did not go through the engine's
@@ -142,17 +153,24 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let config: Config = common::config(config)?;
     let key = ctx.steps.compile_jq("key", &config.key)?;
     let ttl = ttl::checked(config.ttl.0)?;
-    let repository = named_store::resolve::<dyn IdempotentRepository>(
-        ctx.resources,
-        &StoreRequest {
-            name: config.repository.as_deref(),
-            name_field: "repository",
-            capacity: config.max_keys,
-            capacity_field: "max_keys",
-            default_capacity: DEFAULT_MAX_KEYS,
-        },
-        |max_keys| Arc::new(MemoryRepository::new(max_keys)),
-    )?;
+    let remote =
+        named_store::remote::<dyn IdempotentRepository>(ctx, config.backend.as_ref(), |b| {
+            b.repository
+        })?;
+    let repository = match remote {
+        Some(remote) => remote,
+        None => named_store::resolve::<dyn IdempotentRepository>(
+            ctx.resources,
+            &StoreRequest {
+                name: config.repository.as_deref(),
+                name_field: "repository",
+                capacity: config.max_keys,
+                capacity_field: "max_keys",
+                default_capacity: DEFAULT_MAX_KEYS,
+            },
+            |max_keys| Arc::new(MemoryRepository::new(max_keys)),
+        )?,
+    };
     Ok(Arc::new(IdempotentConsumer {
         key,
         repository,

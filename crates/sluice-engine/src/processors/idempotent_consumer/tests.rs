@@ -216,3 +216,25 @@ fn zero_ttl_is_a_build_error() {
         .unwrap();
     assert_eq!(e.field.as_deref(), Some("ttl"));
 }
+
+#[test]
+fn a_backend_must_name_one_store_this_build_has() {
+    let unknown = try_build(
+        "idempotent_consumer",
+        &json!({"key": ".id", "backend": {"redis": {}}}),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(unknown.field.as_deref(), Some("backend"));
+    assert!(
+        unknown.message.contains("unknown store `redis`"),
+        "{unknown}"
+    );
+    let two = try_build(
+        "idempotent_consumer",
+        &json!({"key": ".id", "backend": {"redis": {}, "nats_kv": {}}}),
+    )
+    .err()
+    .unwrap();
+    assert!(two.message.contains("exactly one store"), "{two}");
+}
