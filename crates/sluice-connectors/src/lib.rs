@@ -8,9 +8,11 @@ use sluice_core::Registry;
 
 pub mod config;
 pub mod reconnect;
-#[cfg(any(feature = "http", feature = "file"))]
+#[cfg(any(feature = "http", feature = "file", feature = "amqp"))]
 pub mod template;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "http")]
@@ -38,6 +40,11 @@ pub fn register_all(registry: &mut Registry) {
     }
     #[cfg(feature = "timer")]
     registry.source(timer::spec(), timer::build);
+    #[cfg(feature = "amqp")]
+    {
+        registry.source(amqp::source::spec(), amqp::source::build);
+        registry.sink(amqp::sink::spec(), amqp::sink::build);
+    }
     #[cfg(feature = "log")]
     {
         registry.sink(log::log_spec(), log::build_log);
