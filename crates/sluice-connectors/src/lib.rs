@@ -8,7 +8,7 @@ use sluice_core::Registry;
 
 pub mod config;
 pub mod reconnect;
-#[cfg(any(feature = "http", feature = "file", feature = "amqp"))]
+#[cfg(any(feature = "http", feature = "file", feature = "amqp", feature = "mqtt"))]
 pub mod template;
 
 #[cfg(feature = "amqp")]
@@ -19,6 +19,8 @@ pub mod file;
 pub mod http;
 #[cfg(feature = "log")]
 pub mod log;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "timer")]
 pub mod timer;
 
@@ -44,6 +46,11 @@ pub fn register_all(registry: &mut Registry) {
     {
         registry.source(amqp::source::spec(), amqp::source::build);
         registry.sink(amqp::sink::spec(), amqp::sink::build);
+    }
+    #[cfg(feature = "mqtt")]
+    {
+        registry.source(mqtt::source::spec(), mqtt::source::build);
+        registry.sink(mqtt::sink::spec(), mqtt::sink::build);
     }
     #[cfg(feature = "log")]
     {
