@@ -365,7 +365,9 @@ fn source_crash_loses_nothing_that_was_not_acknowledged() {
         wait_until("5 redeliveries", Duration::from_secs(15), || second.count() >= 5).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let seen = second.seen();
-        let bodies: Vec<String> = seen.iter().map(|m| m.body.to_text()).collect();
+        let mut bodies: Vec<String> = seen.iter().map(|m| m.body.to_text()).collect();
+        // Requeued messages go back near, not always exactly at, their old positions.
+        bodies.sort();
         assert_eq!(bodies, ["5", "6", "7", "8", "9"]);
         assert!(seen.iter().all(|m| m.headers["amqp.redelivered"] == "true"));
         shutdown.cancel();

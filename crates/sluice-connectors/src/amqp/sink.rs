@@ -181,7 +181,8 @@ fn default_confirm_timeout() -> HumanDuration {
 
 /// An open connection with a channel in confirm mode.
 struct Link {
-    conn: Connection,
+    /// Shared with the next link when only the channel had to be replaced.
+    conn: Arc<Connection>,
     channel: Channel,
 }
 
@@ -322,7 +323,7 @@ impl Sink for AmqpSink {
         };
         let confirmation = match tokio::time::timeout(self.confirm_timeout, publish).await {
             Ok(Ok(confirmation)) => confirmation,
-            Ok(Err(error)) => return Err(self.failed(&error, &exchange)),
+            Ok(Err(error)) => return Err(self.failed(&error, exchange.as_str())),
             Err(_) => {
                 return Err(ProcessError::new(
                     ErrorKind::Timeout,
@@ -431,12 +432,12 @@ impl AmqpSink {
     async fn open(&self, previous: Option<&Link>) -> Result<Link, String> {
         let reuse = previous.filter(|l| l.conn.status().connected());
         let conn = match reuse {
-            Some(link) => link.conn.clone(),
+            Some(link) => Arc::clone(&link.conn),
             None => {
                 if let Some(old) = previous {
                     let _ = old.conn.close(320, "reconnecting".into()).await;
                 }
-                self.conn.connect().await?
+                Arc::new(self.conn.connect().await?)
             }
         };
         let setup = async {

@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(b.credentials, Some(("bob".into(), "p@ss".into())));
         assert!(!format!("{b:?}").contains("p@ss"));
         let b = Broker::parse("tcp://127.0.0.1/").unwrap();
-        assert_eq!((b.host.as_str(), b.port, b.credentials), ("127.0.0.1", 1883, None));
+        assert_eq!((b.host.as_str(), b.port, b.credentials.clone()), ("127.0.0.1", 1883, None));
         assert_eq!(b.what(), "MQTT broker at mqtt://127.0.0.1:1883");
     }
 
