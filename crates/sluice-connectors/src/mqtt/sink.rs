@@ -38,7 +38,7 @@ message headers, e.g. `devices/{device}/commands`; a missing header fails the me
 
 **Delivery guarantee.** QoS 1 and 2: at-least-once; a message counts as delivered only after the \
 broker's PUBACK (QoS 1) or PUBCOMP (QoS 2). Concurrent deliveries are pipelined on one \
-connection. When the connection fails, every delivery waiting for its acknowledgement fails with \
+connection, up to `max_inflight` at once. When the connection fails, every delivery waiting for its acknowledgement fails with \
 `unavailable` (it may or may not have reached the broker: a retry can publish it twice); no \
 acknowledgement within `publish_timeout` is `timeout`. QoS 0: the message counts as delivered \
 once it is written to the connection (at-most-once).
@@ -92,9 +92,11 @@ pub fn spec() -> ComponentSpec {
                 min: Some(1),
                 max: Some(65535),
             },
-            "Most QoS 1/2 messages awaiting the broker's acknowledgement at once.",
+            "Most QoS 1/2 messages awaiting the broker's acknowledgement at once. Keep it at or \
+             below the broker's receive limit (Mosquitto: `max_inflight_messages`, 20 by \
+             default): Mosquitto 2.0 acknowledges QoS 2 messages beyond it but drops them.",
         )
-        .default_value(100),
+        .default_value(20),
     )
     .example(
         "Commands to devices, topic by header",
@@ -138,7 +140,7 @@ fn default_publish_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
 fn default_max_inflight() -> u16 {
-    100
+    20
 }
 
 type Waiter = oneshot::Sender<Result<(), String>>;
@@ -457,7 +459,7 @@ mod tests {
     fn config_defaults_and_validation() {
         let c: MqttSinkConfig =
             crate::config::parse(&json!({"url": "mqtt://h", "topic": "a/{x}"})).unwrap();
-        assert_eq!((c.qos, c.retain, c.max_inflight), (1, false, 100));
+        assert_eq!((c.qos, c.retain, c.max_inflight), (1, false, 20));
         assert!(Template::parse("a/{x}").is_ok());
     }
 }
