@@ -328,18 +328,25 @@ impl MqttSink {
     /// The live session, or a new one (unless the last attempt failed within its backoff).
     async fn session(&self) -> Result<Arc<Session>, ProcessError> {
         let mut state = self.session.lock().await;
-        if let Some(s) = &state.current {
-            if s.alive.load(Ordering::SeqCst) {
-                return Ok(Arc::clone(s));
+        let current = state
+            .current
+            .as_ref()
+            .map(|s| (Arc::clone(s), s.alive.load(Ordering::SeqCst)));
+        if let Some((session, alive)) = current {
+            if alive {
+                return Ok(session);
             }
-            // It died: count the failure once and wait out the backoff before the next one; a
-            // session that had connected starts the backoff again from its shortest wait.
-            if s.connected.load(Ordering::SeqCst) {
+            // It died. One that had connected is replaced at once (a broker that restarted is
+            // used again without delay); one that never connected was a failed attempt, and the
+            // next waits out the backoff.
+            if session.connected.load(Ordering::SeqCst) {
                 state.backoff.reset();
+                state.not_before = None;
+            } else {
+                let delay = state.backoff.next_delay();
+                state.not_before = Some(Instant::now() + delay);
             }
             state.current = None;
-            let delay = state.backoff.next_delay();
-            state.not_before = Some(Instant::now() + delay);
         }
         if let Some(at) = state.not_before
             && Instant::now() < at

@@ -270,7 +270,6 @@ impl Source for MqttSource {
                     }
                     backoff.reset();
                     health.healthy();
-                    shared.resume_requested.store(false, Ordering::SeqCst);
                     tracing::debug!(flow = %ctx.flow, broker = %what, session_present = ack.session_present, "connected");
                     // Subscribing again on a resumed session is harmless and picks up changed
                     // filters. Not awaited here: this loop drains the request queue.
@@ -313,7 +312,9 @@ impl Source for MqttSource {
                         }
                         Phase::Closing(_) => break,
                     }
-                    let delay = if shared.resume_requested.load(Ordering::SeqCst) {
+                    // A resume asked for by a failed message reconnects at once, but only once:
+                    // if that attempt fails too, the usual backoff applies.
+                    let delay = if shared.resume_requested.swap(false, Ordering::SeqCst) {
                         tracing::debug!(flow = %ctx.flow, broker = %what, "resuming the session so failed messages are delivered again");
                         Duration::from_millis(10)
                     } else {

@@ -12,4 +12,6 @@ mod support;
 
 mod conformance;
 
+mod amqp;
 mod http;
+mod mqtt;
