@@ -178,7 +178,10 @@ async fn source_delivers_in_order_with_properties_and_headers_then_acks() {
         &resources,
         "amqp-in",
     );
-    wait_until("20 messages", Duration::from_secs(10), || dispatch.count() == 20).await;
+    wait_until("20 messages", Duration::from_secs(10), || {
+        dispatch.count() == 20
+    })
+    .await;
     let seen = dispatch.seen();
     for (i, msg) in seen.iter().enumerate() {
         assert_eq!(msg.body.json().unwrap(), &json!({"n": i}));
@@ -193,7 +196,10 @@ async fn source_delivers_in_order_with_properties_and_headers_then_acks() {
         assert_eq!(h["amqp.exchange"], "");
         assert_eq!(h["amqp.queue"], queue);
         assert_eq!(h["amqp.redelivered"], "false");
-        assert_eq!(msg.meta.correlation_id.as_deref(), Some(format!("c-{i}").as_str()));
+        assert_eq!(
+            msg.meta.correlation_id.as_deref(),
+            Some(format!("c-{i}").as_str())
+        );
         assert_eq!(msg.meta.origin.as_deref(), Some("amqp-in"));
     }
     assert!(problems(&resources, "amqp-in").is_empty());
@@ -228,14 +234,20 @@ async fn source_requeues_a_failed_message_and_it_comes_back_redelivered() {
         &resources,
         "amqp-requeue",
     );
-    wait_until("the redelivery", Duration::from_secs(10), || dispatch.count() == 2).await;
+    wait_until("the redelivery", Duration::from_secs(10), || {
+        dispatch.count() == 2
+    })
+    .await;
     let seen = dispatch.seen();
     assert_eq!(seen[0].body.to_text(), "fragile");
     assert_eq!(seen[1].body.to_text(), "fragile");
     assert_eq!(seen[1].headers["amqp.redelivered"], "true");
     shutdown.cancel();
     task.await.unwrap().unwrap();
-    assert!(drain(&channel, &queue).await.is_empty(), "the redelivered copy was acked");
+    assert!(
+        drain(&channel, &queue).await.is_empty(),
+        "the redelivered copy was acked"
+    );
     delete_queue(&channel, &queue).await;
 }
 
@@ -320,7 +332,13 @@ fn source_crash_loses_nothing_that_was_not_acknowledged() {
     rt.block_on(async {
         declare_queue(&channel, &queue, FieldTable::default()).await;
         for i in 0..10 {
-            publish(&channel, &queue, format!("{i}").as_bytes(), BasicProperties::default()).await;
+            publish(
+                &channel,
+                &queue,
+                format!("{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await;
         }
     });
 
@@ -362,7 +380,10 @@ fn source_crash_loses_nothing_that_was_not_acknowledged() {
         let resources = Arc::new(Resources::default());
         let second = acking();
         let (task, shutdown) = start_source(config, Arc::clone(&second), &resources, "amqp-crash");
-        wait_until("5 redeliveries", Duration::from_secs(15), || second.count() >= 5).await;
+        wait_until("5 redeliveries", Duration::from_secs(15), || {
+            second.count() >= 5
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let seen = second.seen();
         let mut bodies: Vec<String> = seen.iter().map(|m| m.body.to_text()).collect();
@@ -395,7 +416,10 @@ async fn source_reconnects_after_the_broker_goes_away() {
         "amqp-reconnect",
     );
     publish(&channel, &queue, b"before", BasicProperties::default()).await;
-    wait_until("the first message", Duration::from_secs(10), || dispatch.count() == 1).await;
+    wait_until("the first message", Duration::from_secs(10), || {
+        dispatch.count() == 1
+    })
+    .await;
 
     proxy.down().await;
     wait_until("an unhealthy report", Duration::from_secs(10), || {
@@ -410,9 +434,11 @@ async fn source_reconnects_after_the_broker_goes_away() {
 
     proxy.up().await;
     let reopened = Instant::now();
-    wait_until("the message sent during the outage", Duration::from_secs(10), || {
-        dispatch.count() == 2
-    })
+    wait_until(
+        "the message sent during the outage",
+        Duration::from_secs(10),
+        || dispatch.count() == 2,
+    )
     .await;
     assert!(
         reopened.elapsed() < Duration::from_secs(3),
@@ -440,7 +466,10 @@ async fn source_with_an_unreachable_broker_stays_up_unhealthy_and_stops_on_shutd
     })
     .await;
     let reason = problems(&resources, "amqp-down")[0].1.clone();
-    assert!(reason.contains("cannot reach RabbitMQ at amqp://127.0.0.1:1/%2f"), "{reason}");
+    assert!(
+        reason.contains("cannot reach RabbitMQ at amqp://127.0.0.1:1/%2f"),
+        "{reason}"
+    );
     assert!(!task.is_finished(), "the source must keep retrying");
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(2), task)
@@ -476,14 +505,17 @@ async fn sink_publishes_concurrently_with_confirms_properties_and_headers() {
                 .with_header("amqp.routing_key", "ignored")
         })
         .collect();
-    let results =
-        futures_util::future::join_all(messages.iter().map(|m| sink.deliver(m))).await;
+    let results = futures_util::future::join_all(messages.iter().map(|m| sink.deliver(m))).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
     let (_conn, channel) = client().await;
     let got = wait_for_messages(&channel, &queue, 50, Duration::from_secs(5)).await;
     let mut ns: Vec<i64> = got
         .iter()
-        .map(|d| serde_json::from_slice::<Value>(&d.data).unwrap()["n"].as_i64().unwrap())
+        .map(|d| {
+            serde_json::from_slice::<Value>(&d.data).unwrap()["n"]
+                .as_i64()
+                .unwrap()
+        })
         .collect();
     ns.sort_unstable();
     assert_eq!(ns, (0..50).collect::<Vec<_>>());
@@ -497,7 +529,10 @@ async fn sink_publishes_concurrently_with_confirms_properties_and_headers() {
         messages.iter().map(|m| m.id().to_string()).collect();
     assert!(ids.contains(p.message_id().as_ref().unwrap().as_str()));
     let headers = p.headers().as_ref().unwrap().inner();
-    assert_eq!(headers.get("tenant"), Some(&AMQPValue::LongString("acme".into())));
+    assert_eq!(
+        headers.get("tenant"),
+        Some(&AMQPValue::LongString("acme".into()))
+    );
     assert!(!headers.contains_key("amqp.routing_key"));
     assert!(problems(&resources, "test-flow").is_empty());
     delete_queue(&channel, &queue).await;
@@ -669,7 +704,9 @@ async fn sink_throughput_with_pipelined_confirms() {
         json!({"url": URL, "routing_key": queue, "declare": {"queues": [{"name": queue}]}}),
         &resources,
     );
-    sink.deliver(&Message::json(json!("warm-up"))).await.unwrap();
+    sink.deliver(&Message::json(json!("warm-up")))
+        .await
+        .unwrap();
     let total = 4000usize;
     let concurrency = 64usize;
     let body = json!({"order": "x".repeat(200)});
@@ -689,7 +726,9 @@ async fn sink_throughput_with_pipelined_confirms() {
     }
     let elapsed = started.elapsed();
     let rate = total as f64 / elapsed.as_secs_f64();
-    eprintln!("amqp sink: {total} persistent messages with confirms, {concurrency} concurrent: {elapsed:?} ({rate:.0} msg/s)");
+    eprintln!(
+        "amqp sink: {total} persistent messages with confirms, {concurrency} concurrent: {elapsed:?} ({rate:.0} msg/s)"
+    );
     assert!(elapsed < Duration::from_secs(20), "too slow: {elapsed:?}");
     let (_conn, channel) = client().await;
     let declared = channel
@@ -719,16 +758,18 @@ async fn source_throughput_with_prefetch() {
     let total = 4000usize;
     for _ in 0..total {
         // Unconfirmed one by one: the final wait covers them all.
-        let _ = channel
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions::default(),
-                b"{\"order\":1}",
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap();
+        drop(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"{\"order\":1}",
+                    BasicProperties::default(),
+                )
+                .await
+                .unwrap(),
+        );
     }
     channel.wait_for_confirms().await.unwrap();
     let resources = Arc::new(Resources::default());
@@ -740,7 +781,10 @@ async fn source_throughput_with_prefetch() {
         &resources,
         "amqp-tput",
     );
-    wait_until("every message", Duration::from_secs(30), || dispatch.count() == total).await;
+    wait_until("every message", Duration::from_secs(30), || {
+        dispatch.count() == total
+    })
+    .await;
     let elapsed = started.elapsed();
     eprintln!(
         "amqp source: {total} messages consumed and acked: {elapsed:?} ({:.0} msg/s)",

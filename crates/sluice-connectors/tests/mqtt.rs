@@ -164,10 +164,16 @@ async fn source_maps_wildcard_topics_to_headers_in_order() {
     let mut p = publisher().await;
     wait_subscribed(&mut p, &format!("{base}/probe"), &dispatch).await;
     for i in 0..20 {
-        p.send(&format!("{base}/s{}/temp", i % 3), format!("{{\"n\":{i}}}").as_bytes())
-            .await;
+        p.send(
+            &format!("{base}/s{}/temp", i % 3),
+            format!("{{\"n\":{i}}}").as_bytes(),
+        )
+        .await;
     }
-    wait_until("20 messages", Duration::from_secs(10), || dispatch.count() == 20).await;
+    wait_until("20 messages", Duration::from_secs(10), || {
+        dispatch.count() == 20
+    })
+    .await;
     for (i, m) in dispatch.seen().iter().enumerate() {
         assert_eq!(m.body.json().unwrap(), &json!({"n": i}));
         assert_eq!(m.headers["mqtt.topic"], format!("{base}/s{}/temp", i % 3));
@@ -195,8 +201,12 @@ async fn source_persistent_session_gets_what_was_published_while_it_was_down() {
     let config = json!({"url": URL, "topics": topic, "client_id": client_id, "qos": 1});
     let resources = Arc::new(Resources::default());
     let first = acking();
-    let (task, shutdown) =
-        start_source(config.clone(), Arc::clone(&first), &resources, "mqtt-persist");
+    let (task, shutdown) = start_source(
+        config.clone(),
+        Arc::clone(&first),
+        &resources,
+        "mqtt-persist",
+    );
     let mut p = publisher().await;
     wait_subscribed(&mut p, &topic, &first).await;
     shutdown.cancel();
@@ -208,7 +218,10 @@ async fn source_persistent_session_gets_what_was_published_while_it_was_down() {
     }
     let second = acking();
     let (task, shutdown) = start_source(config, Arc::clone(&second), &resources, "mqtt-persist");
-    wait_until("the queued messages", Duration::from_secs(10), || second.count() >= 5).await;
+    wait_until("the queued messages", Duration::from_secs(10), || {
+        second.count() >= 5
+    })
+    .await;
     let bodies: Vec<String> = second.seen().iter().map(|m| m.body.to_text()).collect();
     assert_eq!(bodies, ["0", "1", "2", "3", "4"]);
     shutdown.cancel();
@@ -285,16 +298,26 @@ async fn source_reconnects_after_the_broker_goes_away() {
         !problems(&resources, "mqtt-reconnect").is_empty()
     })
     .await;
-    assert!(problems(&resources, "mqtt-reconnect")[0].1.contains("MQTT broker at mqtt://127.0.0.1:"));
+    assert!(
+        problems(&resources, "mqtt-reconnect")[0]
+            .1
+            .contains("MQTT broker at mqtt://127.0.0.1:")
+    );
     // Published while the source is cut off: kept by its persistent session.
     p.send(&topic, b"during").await;
     proxy.up().await;
     let reopened = Instant::now();
-    wait_until("the message sent during the outage", Duration::from_secs(10), || {
-        dispatch.seen().iter().any(|m| m.body.to_text() == "during")
-    })
+    wait_until(
+        "the message sent during the outage",
+        Duration::from_secs(10),
+        || dispatch.seen().iter().any(|m| m.body.to_text() == "during"),
+    )
     .await;
-    assert!(reopened.elapsed() < Duration::from_secs(3), "{:?}", reopened.elapsed());
+    assert!(
+        reopened.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        reopened.elapsed()
+    );
     assert!(problems(&resources, "mqtt-reconnect").is_empty());
     shutdown.cancel();
     task.await.unwrap().unwrap();
@@ -314,7 +337,10 @@ async fn source_with_an_unreachable_broker_stays_up_unhealthy() {
     })
     .await;
     let reason = problems(&resources, "mqtt-down")[0].1.clone();
-    assert!(reason.contains("cannot reach MQTT broker at mqtt://127.0.0.1:1"), "{reason}");
+    assert!(
+        reason.contains("cannot reach MQTT broker at mqtt://127.0.0.1:1"),
+        "{reason}"
+    );
     assert!(!task.is_finished());
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(2), task)
@@ -340,9 +366,13 @@ async fn sink_publishes_with_acknowledgements_topic_from_header_and_retain() {
         )
         .unwrap();
         let messages: Vec<Message> = (0..30)
-            .map(|i| Message::json(json!({"qos": qos, "n": i})).with_header("device", format!("d{}", i % 2)))
+            .map(|i| {
+                Message::json(json!({"qos": qos, "n": i}))
+                    .with_header("device", format!("d{}", i % 2))
+            })
             .collect();
-        let results = futures_util::future::join_all(messages.iter().map(|m| sink.deliver(m))).await;
+        let results =
+            futures_util::future::join_all(messages.iter().map(|m| sink.deliver(m))).await;
         assert!(results.iter().all(Result::is_ok), "qos {qos}: {results:?}");
         let got = receive(&mut rx, 30).await;
         let mut ns: Vec<i64> = got
@@ -434,7 +464,9 @@ async fn sink_throughput_qos1() {
         let sink = Arc::clone(&sink);
         tasks.spawn(async move {
             for _ in (worker..total).step_by(64) {
-                sink.deliver(&Message::bytes(vec![b'x'; 200])).await.unwrap();
+                sink.deliver(&Message::bytes(vec![b'x'; 200]))
+                    .await
+                    .unwrap();
             }
         });
     }

@@ -56,9 +56,7 @@ impl ConnectionConfig {
         let parsed: AMQPUri = url.parse().map_err(|e: String| {
             BuildError::field(
                 "url",
-                format!(
-                    "is not an AMQP url ({e}); write it as amqp://user:password@host:5672/%2f"
-                ),
+                format!("is not an AMQP url ({e}); write it as amqp://user:password@host:5672/%2f"),
             )
         })?;
         let display = format!(
@@ -73,7 +71,10 @@ impl ConnectionConfig {
             }
         );
         if timeout.0.is_zero() {
-            return Err(BuildError::field("connect_timeout", "must be longer than 0s"));
+            return Err(BuildError::field(
+                "connect_timeout",
+                "must be longer than 0s",
+            ));
         }
         let mut owned = OwnedTLSConfig::default();
         if let Some(tls) = tls {
@@ -96,7 +97,10 @@ impl ConnectionConfig {
                 (Some(cert), Some(key)) => {
                     let read = |field: &str, path: &PathBuf| {
                         std::fs::read(path).map_err(|e| {
-                            BuildError::field(field, format!("cannot read `{}`: {e}", path.display()))
+                            BuildError::field(
+                                field,
+                                format!("cannot read `{}`: {e}", path.display()),
+                            )
                         })
                     };
                     owned.identity = Some(OwnedIdentity::PKCS8 {
@@ -140,8 +144,8 @@ impl ConnectionConfig {
 
     /// Opens a connection, within the timeout.
     pub async fn connect(&self) -> Result<Connection, String> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(self.name.clone().into());
+        let properties =
+            ConnectionProperties::default().with_connection_name(self.name.clone().into());
         let runtime = lapin::runtime::default_runtime().map_err(|e| e.to_string())?;
         let attempt =
             Connection::connect_with_config(&self.url, properties, self.tls.clone(), runtime);
@@ -219,8 +223,8 @@ mod tests {
             ca_file: Some(ca),
             ..TlsConfig::default()
         };
-        let c = ConnectionConfig::new("amqps://h:5671/%2f", Some(&tls), timeout(), "t".into())
-            .unwrap();
+        let c =
+            ConnectionConfig::new("amqps://h:5671/%2f", Some(&tls), timeout(), "t".into()).unwrap();
         assert!(c.tls.cert_chain.is_some());
         assert_eq!(c.what(), "RabbitMQ at amqps://h:5671/%2f");
     }

@@ -144,11 +144,8 @@ pub fn properties_for(
 ) -> Result<BasicProperties, ProcessError> {
     let h = &msg.headers;
     let get = |name: &str| h.get(name).map(String::as_str);
-    let mut p = BasicProperties::default().with_delivery_mode(if defaults.persistent {
-        2
-    } else {
-        1
-    });
+    let mut p =
+        BasicProperties::default().with_delivery_mode(if defaults.persistent { 2 } else { 1 });
     if let Some(ct) = get(CONTENT_TYPE).or(defaults.content_type.as_deref()) {
         p = p.with_content_type(short(CONTENT_TYPE, ct)?);
     }

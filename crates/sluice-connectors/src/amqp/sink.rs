@@ -16,9 +16,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink,
-};
+use sluice_core::{BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink};
 use tokio::time::Instant;
 
 use super::connection::{ConnectionConfig, TlsConfig, describe};
@@ -230,7 +228,10 @@ fn template(field: &str, text: &str) -> Result<Template, BuildError> {
 }
 
 /// Builds an `amqp` sink; it connects on first use.
-pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<std::sync::Arc<dyn Sink>, BuildError> {
+pub fn build(
+    config: &Value,
+    ctx: &BuildContext<'_>,
+) -> Result<std::sync::Arc<dyn Sink>, BuildError> {
     let c: AmqpSinkConfig = crate::config::parse(config)?;
     let conn = ConnectionConfig::new(
         &c.url,
@@ -257,10 +258,16 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<std::sync::Arc<dy
         }
     }
     if c.confirm_timeout.0.is_zero() {
-        return Err(BuildError::field("confirm_timeout", "must be longer than 0s"));
+        return Err(BuildError::field(
+            "confirm_timeout",
+            "must be longer than 0s",
+        ));
     }
     if c.content_type.as_ref().is_some_and(|t| t.len() > 255) {
-        return Err(BuildError::field("content_type", "is longer than 255 bytes"));
+        return Err(BuildError::field(
+            "content_type",
+            "is longer than 255 bytes",
+        ));
     }
     Ok(Arc::new(AmqpSink {
         topology: Topology::new(&c.declare)?,
@@ -293,9 +300,8 @@ fn render(template: &Template, field: &str, msg: &Message) -> Result<ShortString
             ))
         })
     })?;
-    ShortString::try_new(text).map_err(|e| {
-        ProcessError::invalid_input(format!("`{field}` rendered too long: {e}"))
-    })
+    ShortString::try_new(text)
+        .map_err(|e| ProcessError::invalid_input(format!("`{field}` rendered too long: {e}")))
 }
 
 #[async_trait]
@@ -476,7 +482,9 @@ impl AmqpSink {
     /// (on the same connection when only the channel died).
     fn failed(&self, error: &lapin::Error, exchange: &str) -> ProcessError {
         match error.kind() {
-            lapin::ErrorKind::ProtocolError(e) if !matches!(e.kind(), lapin::protocol::AMQPErrorKind::Hard(_)) => {
+            lapin::ErrorKind::ProtocolError(e)
+                if !matches!(e.kind(), lapin::protocol::AMQPErrorKind::Hard(_)) =>
+            {
                 ProcessError::new(
                     ErrorKind::Remote,
                     format!(
@@ -496,6 +504,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[allow(clippy::needless_pass_by_value)] // test helper: callers pass json!() inline
     fn try_build(config: Value) -> Result<Arc<dyn Sink>, BuildError> {
         let resources = Arc::new(sluice_core::Resources::default());
         struct NoSteps;
@@ -518,10 +527,7 @@ mod tests {
         struct Nothing;
         #[async_trait]
         impl sluice_core::Dispatch for Nothing {
-            async fn dispatch(
-                &self,
-                m: Message,
-            ) -> Result<Vec<Message>, sluice_core::Failure> {
+            async fn dispatch(&self, m: Message) -> Result<Vec<Message>, sluice_core::Failure> {
                 Ok(vec![m])
             }
         }
@@ -545,13 +551,20 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let url = "amqp://127.0.0.1";
-        assert_eq!(err(json!({"url": url})).field.as_deref(), Some("routing_key"));
         assert_eq!(
-            err(json!({"url": url, "routing_key": "a{b"})).field.as_deref(),
+            err(json!({"url": url})).field.as_deref(),
             Some("routing_key")
         );
         assert_eq!(
-            err(json!({"url": url, "exchange": "x".repeat(300)})).field.as_deref(),
+            err(json!({"url": url, "routing_key": "a{b"}))
+                .field
+                .as_deref(),
+            Some("routing_key")
+        );
+        assert_eq!(
+            err(json!({"url": url, "exchange": "x".repeat(300)}))
+                .field
+                .as_deref(),
             Some("exchange")
         );
         assert_eq!(
@@ -568,7 +581,10 @@ mod tests {
     fn routing_keys_render_from_headers() {
         let t = Template::parse("order.{region}").unwrap();
         let msg = Message::json(json!(1)).with_header("region", "eu");
-        assert_eq!(render(&t, "routing_key", &msg).unwrap().as_str(), "order.eu");
+        assert_eq!(
+            render(&t, "routing_key", &msg).unwrap().as_str(),
+            "order.eu"
+        );
         let err = render(&t, "routing_key", &Message::json(json!(1))).unwrap_err();
         assert_eq!(err.kind, ErrorKind::InvalidInput);
         assert!(err.detail.contains("`region`"), "{}", err.detail);
@@ -585,7 +601,11 @@ mod tests {
         let msg = Message::json(json!(1));
         let err = sink.deliver(&msg).await.unwrap_err();
         assert_eq!(err.kind, ErrorKind::Unavailable);
-        assert!(err.detail.contains("RabbitMQ at amqp://127.0.0.1:1/%2f"), "{}", err.detail);
+        assert!(
+            err.detail.contains("RabbitMQ at amqp://127.0.0.1:1/%2f"),
+            "{}",
+            err.detail
+        );
         // Within the backoff the next delivery does not try again.
         let started = std::time::Instant::now();
         let again = sink.deliver(&msg).await.unwrap_err();

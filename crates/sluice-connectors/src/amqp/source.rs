@@ -398,9 +398,7 @@ impl AmqpSource {
         msg.meta.origin = Some(Arc::clone(&ctx.flow));
         msg.meta.correlation_id = correlation_id;
         let (token, outcome) = AckToken::channel();
-        let work = Arc::clone(&ctx.dispatcher)
-            .admit(msg.with_ack(token))
-            .await;
+        let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
         let this = Arc::clone(self);
         let flow = Arc::clone(&ctx.flow);
         let shutdown = ctx.shutdown.clone();
@@ -440,9 +438,7 @@ impl AmqpSource {
                 }
                 OnFailure::Reject => {
                     tracing::warn!(flow, queue = self.queue.as_str(), %reason, "message failed; rejecting it to the dead-letter exchange");
-                    acker
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await
+                    acker.reject(BasicRejectOptions { requeue: false }).await
                 }
             },
         };
@@ -458,6 +454,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[allow(clippy::needless_pass_by_value)] // test helper: callers pass json!() inline
     fn try_build(config: Value) -> Result<Box<dyn Source>, BuildError> {
         let resources = Arc::new(sluice_core::Resources::default());
         struct NoSteps;
@@ -519,17 +516,35 @@ mod tests {
             }
             v
         };
-        assert_eq!(err(base(json!({"queue": ""}))).field.as_deref(), Some("queue"));
-        assert_eq!(err(base(json!({"prefetch": 0}))).field.as_deref(), Some("prefetch"));
-        assert_eq!(err(base(json!({"url": "nope"}))).field.as_deref(), Some("url"));
-        assert_eq!(err(base(json!({"colour": 1}))).field.as_deref(), Some("colour"));
+        assert_eq!(
+            err(base(json!({"queue": ""}))).field.as_deref(),
+            Some("queue")
+        );
+        assert_eq!(
+            err(base(json!({"prefetch": 0}))).field.as_deref(),
+            Some("prefetch")
+        );
+        assert_eq!(
+            err(base(json!({"url": "nope"}))).field.as_deref(),
+            Some("url")
+        );
+        assert_eq!(
+            err(base(json!({"colour": 1}))).field.as_deref(),
+            Some("colour")
+        );
         assert_eq!(
             err(base(json!({"consumer_tag": ""}))).field.as_deref(),
             Some("consumer_tag")
         );
-        let e = err(base(json!({"on_failure": "reject", "declare": {"queues": [{"name": "q"}]}})));
+        let e = err(base(
+            json!({"on_failure": "reject", "declare": {"queues": [{"name": "q"}]}}),
+        ));
         assert_eq!(e.field.as_deref(), Some("on_failure"));
-        assert!(e.message.contains("x-dead-letter-exchange"), "{}", e.message);
+        assert!(
+            e.message.contains("x-dead-letter-exchange"),
+            "{}",
+            e.message
+        );
         assert!(
             try_build(base(json!({"on_failure": "reject", "declare": {"queues": [
                 {"name": "q", "arguments": {"x-dead-letter-exchange": "dlx"}}

@@ -221,7 +221,12 @@ fn table_of<'a>(entries: impl Iterator<Item = (&'a String, &'a Value)>) -> Field
 /// A checked, ready-to-send topology.
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
-    exchanges: Vec<(ShortString, ExchangeKind, ExchangeDeclareOptions, FieldTable)>,
+    exchanges: Vec<(
+        ShortString,
+        ExchangeKind,
+        ExchangeDeclareOptions,
+        FieldTable,
+    )>,
     queues: Vec<(ShortString, QueueDeclareOptions, FieldTable)>,
     bindings: Vec<(ShortString, ShortString, ShortString, FieldTable)>,
 }
@@ -335,6 +340,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[allow(clippy::needless_pass_by_value)] // test helper: callers pass json!() inline
     fn declare(value: Value) -> DeclareConfig {
         crate::config::parse(&value).unwrap()
     }
@@ -351,12 +357,14 @@ mod tests {
 
     #[test]
     fn bad_names_point_at_the_field() {
-        let err = Topology::new(&declare(json!({"exchanges": [{"name": "amq.topic"}]})))
-            .unwrap_err();
+        let err =
+            Topology::new(&declare(json!({"exchanges": [{"name": "amq.topic"}]}))).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("declare.exchanges.0.name"));
         let long = "x".repeat(256);
-        let err = Topology::new(&declare(json!({"queues": [{"name": "ok"}, {"name": long}]})))
-            .unwrap_err();
+        let err = Topology::new(&declare(
+            json!({"queues": [{"name": "ok"}, {"name": long}]}),
+        ))
+        .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("declare.queues.1.name"));
         let err = crate::config::parse::<DeclareConfig>(&json!({"bindings": [{"queue": "q"}]}))
             .unwrap_err();
@@ -376,7 +384,12 @@ mod tests {
             panic!()
         };
         assert_eq!(a.as_slice().len(), 2);
-        let t = table_of(json!({"x-queue-type": "quorum"}).as_object().unwrap().iter());
+        let t = table_of(
+            json!({"x-queue-type": "quorum"})
+                .as_object()
+                .unwrap()
+                .iter(),
+        );
         assert!(t.contains_key("x-queue-type"));
     }
 }

@@ -206,13 +206,23 @@ mod tests {
         assert_eq!(b.credentials, Some(("bob".into(), "p@ss".into())));
         assert!(!format!("{b:?}").contains("p@ss"));
         let b = Broker::parse("tcp://127.0.0.1/").unwrap();
-        assert_eq!((b.host.as_str(), b.port, b.credentials.clone()), ("127.0.0.1", 1883, None));
+        assert_eq!(
+            (b.host.as_str(), b.port, b.credentials.clone()),
+            ("127.0.0.1", 1883, None)
+        );
         assert_eq!(b.what(), "MQTT broker at mqtt://127.0.0.1:1883");
     }
 
     #[test]
     fn bad_urls_name_the_field() {
-        for url in ["mqtts://h", "http://h", "h:1883", "mqtt://h:x", "mqtt://:1883", "mqtt://h/a"] {
+        for url in [
+            "mqtts://h",
+            "http://h",
+            "h:1883",
+            "mqtt://h:x",
+            "mqtt://:1883",
+            "mqtt://h/a",
+        ] {
             let err = Broker::parse(url).unwrap_err();
             assert_eq!(err.field.as_deref(), Some("url"), "{url}");
         }

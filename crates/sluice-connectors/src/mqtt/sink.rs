@@ -21,9 +21,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink,
-};
+use sluice_core::{BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -168,13 +166,20 @@ impl Waiting {
     }
 }
 
+/// What a session's driver task and its deliveries share.
+#[derive(Default)]
+struct Shared {
+    waiting: Mutex<Waiting>,
+    /// The event loop runs; cleared when its connection failed.
+    alive: AtomicBool,
+    /// The broker accepted the connection (CONNACK) at least once.
+    connected: AtomicBool,
+}
+
 /// One client and its event loop (driven by its own task).
 struct Session {
     client: AsyncClient,
-    waiting: Arc<Mutex<Waiting>>,
-    alive: Arc<AtomicBool>,
-    /// The broker accepted the connection (CONNACK) at least once.
-    connected: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     /// Keeps publishes and waiters in the same order.
     order: tokio::sync::Mutex<()>,
     driver: tokio::task::JoinHandle<()>,
@@ -229,13 +234,19 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Bu
         ));
     }
     if c.topic.is_empty() {
-        return Err(BuildError::field("topic", "is empty; name the topic to publish to"));
+        return Err(BuildError::field(
+            "topic",
+            "is empty; name the topic to publish to",
+        ));
     }
     if let Some(id) = &c.client_id {
         check_client_id(id)?;
     }
     if c.publish_timeout.0.is_zero() {
-        return Err(BuildError::field("publish_timeout", "must be longer than 0s"));
+        return Err(BuildError::field(
+            "publish_timeout",
+            "must be longer than 0s",
+        ));
     }
     if c.keep_alive.0 < Duration::from_secs(1) {
         return Err(BuildError::field("keep_alive", "must be at least 1s"));
@@ -281,7 +292,7 @@ impl Sink for MqttSink {
         let (tx, rx) = oneshot::channel();
         {
             let _order = session.order.lock().await;
-            lock(&session.waiting).queued.push_back(tx);
+            lock(&session.shared.waiting).queued.push_back(tx);
             let sent = session
                 .client
                 .publish_bytes(topic, self.qos, self.retain, msg.body.as_bytes().clone())
@@ -289,7 +300,7 @@ impl Sink for MqttSink {
             if sent.is_err() {
                 // Never entered the queue: take its waiter back (it is the last one, under the
                 // order lock) so the FIFO stays in step.
-                lock(&session.waiting).queued.pop_back();
+                lock(&session.shared.waiting).queued.pop_back();
                 return Err(self.unavailable("the connection was closed"));
             }
         }
@@ -331,7 +342,7 @@ impl MqttSink {
         let current = state
             .current
             .as_ref()
-            .map(|s| (Arc::clone(s), s.alive.load(Ordering::SeqCst)));
+            .map(|s| (Arc::clone(s), s.shared.alive.load(Ordering::SeqCst)));
         if let Some((session, alive)) = current {
             if alive {
                 return Ok(session);
@@ -339,7 +350,7 @@ impl MqttSink {
             // It died. One that had connected is replaced at once (a broker that restarted is
             // used again without delay); one that never connected was a failed attempt, and the
             // next waits out the backoff.
-            if session.connected.load(Ordering::SeqCst) {
+            if session.shared.connected.load(Ordering::SeqCst) {
                 state.backoff.reset();
                 state.not_before = None;
             } else {
@@ -359,16 +370,17 @@ impl MqttSink {
             .clone()
             .unwrap_or_else(|| format!("sluice-{}", uuid::Uuid::now_v7().simple()));
         let mut options = self.broker.options(&client_id, self.keep_alive);
-        options.set_clean_session(true).set_inflight(self.max_inflight);
+        options
+            .set_clean_session(true)
+            .set_inflight(self.max_inflight);
         let (client, eventloop) = AsyncClient::new(options, 256);
-        let waiting = Arc::new(Mutex::new(Waiting::default()));
-        let alive = Arc::new(AtomicBool::new(true));
-        let connected = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            alive: AtomicBool::new(true),
+            ..Shared::default()
+        });
         let driver = tokio::spawn(drive(
             eventloop,
-            Arc::clone(&waiting),
-            Arc::clone(&alive),
-            Arc::clone(&connected),
+            Arc::clone(&shared),
             self.qos,
             self.health.clone(),
             self.broker.what(),
@@ -376,9 +388,7 @@ impl MqttSink {
         ));
         let session = Arc::new(Session {
             client,
-            waiting,
-            alive,
-            connected,
+            shared,
             order: tokio::sync::Mutex::new(()),
             driver,
         });
@@ -397,9 +407,7 @@ fn lock_text(text: &Mutex<String>) -> String {
 /// Runs a session's event loop until its connection fails; then fails every waiting delivery.
 async fn drive(
     mut eventloop: EventLoop,
-    waiting: Arc<Mutex<Waiting>>,
-    alive: Arc<AtomicBool>,
-    connected: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     qos: QoS,
     health: HealthHandle,
     what: String,
@@ -408,11 +416,11 @@ async fn drive(
     loop {
         match eventloop.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                connected.store(true, Ordering::SeqCst);
+                shared.connected.store(true, Ordering::SeqCst);
                 health.healthy();
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let mut w = lock(&waiting);
+                let mut w = lock(&shared.waiting);
                 if let Some(waiter) = w.queued.pop_front() {
                     if qos == QoS::AtMostOnce {
                         let _ = waiter.send(Ok(()));
@@ -422,16 +430,16 @@ async fn drive(
                 }
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) if qos == QoS::AtLeastOnce => {
-                resolve(&waiting, ack.pkid);
+                resolve(&shared.waiting, ack.pkid);
             }
             Ok(Event::Incoming(Incoming::PubComp(comp))) if qos == QoS::ExactlyOnce => {
-                resolve(&waiting, comp.pkid);
+                resolve(&shared.waiting, comp.pkid);
             }
             Ok(_) => {}
             Err(error) => {
                 let reason = error.to_string();
-                alive.store(false, Ordering::SeqCst);
-                lock(&waiting).fail_all(&reason);
+                shared.alive.store(false, Ordering::SeqCst);
+                lock(&shared.waiting).fail_all(&reason);
                 health.unhealthy(format!(
                     "cannot reach {what}: {reason}; retrying on the next delivery (backoff up to 1s)"
                 ));

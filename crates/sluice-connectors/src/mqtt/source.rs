@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rumqttc::{AsyncClient, Event, Incoming, Outgoing, Publish, QoS, SubscribeFilter, SubscribeReasonCode};
+use rumqttc::{
+    AsyncClient, Event, Incoming, Outgoing, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
+};
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;
@@ -166,17 +168,24 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, 
         Topics::Many(ts) => ts,
     };
     if filters.is_empty() {
-        return Err(BuildError::field("topics", "is empty; name at least one topic filter"));
+        return Err(BuildError::field(
+            "topics",
+            "is empty; name at least one topic filter",
+        ));
     }
     for f in &filters {
         if f.is_empty() || !rumqttc::valid_filter(f) {
             return Err(BuildError::field(
                 "topics",
-                format!("`{f}` is not a valid topic filter: `#` may only end it and `+` must fill a whole level, e.g. `sites/+/temperature` or `alerts/#`"),
+                format!(
+                    "`{f}` is not a valid topic filter: `#` may only end it and `+` must fill a whole level, e.g. `sites/+/temperature` or `alerts/#`"
+                ),
             ));
         }
     }
-    let client_id = c.client_id.unwrap_or_else(|| format!("sluice-{}", ctx.flow));
+    let client_id = c
+        .client_id
+        .unwrap_or_else(|| format!("sluice-{}", ctx.flow));
     check_client_id(&client_id)?;
     if c.keep_alive.0 < Duration::from_secs(1) {
         return Err(BuildError::field("keep_alive", "must be at least 1s"));

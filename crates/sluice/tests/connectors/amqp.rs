@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -42,7 +44,9 @@ pub struct Amqp(Option<RabbitMq>);
 
 impl Amqp {
     fn client(&self) -> &RabbitMq {
-        self.0.as_ref().expect("RabbitMQ is running (checked by the suite first)")
+        self.0
+            .as_ref()
+            .expect("RabbitMQ is running (checked by the suite first)")
     }
 }
 
@@ -93,16 +97,18 @@ impl Connector for Amqp {
                 .with_delivery_mode(2)
                 .with_headers(headers);
             // Confirms are awaited together below: publishing stays fast.
-            let _ = channel
-                .basic_publish(
-                    "".into(),
-                    name.into(),
-                    BasicPublishOptions::default(),
-                    m.body.to_string().as_bytes(),
-                    properties,
-                )
-                .await
-                .unwrap();
+            drop(
+                channel
+                    .basic_publish(
+                        "".into(),
+                        name.into(),
+                        BasicPublishOptions::default(),
+                        m.body.to_string().as_bytes(),
+                        properties,
+                    )
+                    .await
+                    .unwrap(),
+            );
         }
         let returned = channel.wait_for_confirms().await.unwrap();
         assert!(returned.is_empty());

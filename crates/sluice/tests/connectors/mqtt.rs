@@ -15,8 +15,11 @@ use crate::conformance::{Capabilities, Connector, Msg};
 pub struct Mqtt {
     /// The test's consumer of each endpoint, connected on first use, and the bodies it has
     /// already handed out.
-    consumers: Mutex<HashMap<String, (mpsc::UnboundedReceiver<Msg>, HashSet<String>)>>,
+    consumers: Mutex<HashMap<String, Consumer>>,
 }
+
+/// What arrives for an endpoint, and the bodies already handed out.
+type Consumer = (mpsc::UnboundedReceiver<Msg>, HashSet<String>);
 
 fn source_client_id(name: &str) -> String {
     format!("sluice-conf-{name}")
@@ -114,7 +117,12 @@ impl Connector for Mqtt {
         });
         for m in msgs {
             client
-                .publish(name, QoS::AtLeastOnce, false, m.body.to_string().into_bytes())
+                .publish(
+                    name,
+                    QoS::AtLeastOnce,
+                    false,
+                    m.body.to_string().into_bytes(),
+                )
                 .await
                 .unwrap();
         }
