@@ -22,11 +22,14 @@ use sluice_core::spec::ComponentKind;
 #[test]
 fn every_component_is_registered() {
     let reg = registry();
-    assert_eq!(reg.names(ComponentKind::Source), ["file", "http", "timer"]);
+    assert_eq!(
+        reg.names(ComponentKind::Source),
+        ["amqp", "file", "http", "mqtt", "timer"]
+    );
     assert_eq!(reg.names(ComponentKind::Processor), ["http"]);
     assert_eq!(
         reg.names(ComponentKind::Sink),
-        ["file", "http", "log", "stdout"]
+        ["amqp", "file", "http", "log", "mqtt", "stdout"]
     );
 }
 
@@ -122,6 +125,27 @@ fn serde_defaults_match_spec_defaults() {
     defaults_agree::<timer::TimerConfig>(ComponentKind::Source, "timer", json!({"interval": "1s"}));
     defaults_agree::<log::LogConfig>(ComponentKind::Sink, "log", json!({}));
     defaults_agree::<log::StdoutConfig>(ComponentKind::Sink, "stdout", json!({}));
+    use sluice_connectors::{amqp, mqtt};
+    defaults_agree::<amqp::source::AmqpSourceConfig>(
+        ComponentKind::Source,
+        "amqp",
+        json!({"url": "amqp://h", "queue": "q"}),
+    );
+    defaults_agree::<amqp::sink::AmqpSinkConfig>(
+        ComponentKind::Sink,
+        "amqp",
+        json!({"url": "amqp://h", "routing_key": "q"}),
+    );
+    defaults_agree::<mqtt::source::MqttSourceConfig>(
+        ComponentKind::Source,
+        "mqtt",
+        json!({"url": "mqtt://h", "topics": "t"}),
+    );
+    defaults_agree::<mqtt::sink::MqttSinkConfig>(
+        ComponentKind::Sink,
+        "mqtt",
+        json!({"url": "mqtt://h", "topic": "t"}),
+    );
 }
 
 #[test]
@@ -142,6 +166,26 @@ fn spec_fields_match_the_config_structs() {
         (ComponentKind::Source, "timer", json!({"interval": "1s"})),
         (ComponentKind::Sink, "log", json!({})),
         (ComponentKind::Sink, "stdout", json!({})),
+        (
+            ComponentKind::Source,
+            "amqp",
+            json!({"url": "amqp://h", "queue": "q"}),
+        ),
+        (
+            ComponentKind::Sink,
+            "amqp",
+            json!({"url": "amqp://h", "routing_key": "q"}),
+        ),
+        (
+            ComponentKind::Source,
+            "mqtt",
+            json!({"url": "mqtt://h", "topics": "t"}),
+        ),
+        (
+            ComponentKind::Sink,
+            "mqtt",
+            json!({"url": "mqtt://h", "topic": "t"}),
+        ),
     ];
     for (kind, name, required) in samples {
         let (spec, factory) = reg.get(kind, name).unwrap();

@@ -70,6 +70,12 @@ impl ConnectionConfig {
                 &parsed.vhost
             }
         );
+        if parsed.scheme == AMQPScheme::AMQPS && !cfg!(feature = "amqp-tls") {
+            return Err(BuildError::field(
+                "url",
+                "is amqps:// but this build of Sluice has no AMQP TLS (Cargo feature `amqp-tls`); rebuild with it or use amqp://",
+            ));
+        }
         if timeout.0.is_zero() {
             return Err(BuildError::field(
                 "connect_timeout",
@@ -178,6 +184,13 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(feature = "amqp-tls"))]
+    fn amqps_needs_the_tls_feature() {
+        let err = ConnectionConfig::new("amqps://h", None, timeout(), "t".into()).unwrap_err();
+        assert!(err.message.contains("amqp-tls"), "{}", err.message);
+    }
+
+    #[test]
     fn display_hides_credentials() {
         let c = ConnectionConfig::new(
             "amqp://bob:s3cret@mq.local:5673/%2f",
@@ -191,6 +204,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "amqp-tls")]
     fn bad_urls_and_tls_combinations_are_refused() {
         let err = ConnectionConfig::new("http://x", None, timeout(), "t".into()).unwrap_err();
         assert_eq!(err.field.as_deref(), Some("url"));
@@ -215,6 +229,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "amqp-tls")]
     fn tls_files_are_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");

@@ -113,8 +113,8 @@ pub fn spec() -> ComponentSpec {
             "url: amqp://guest:guest@127.0.0.1:5672/%2f\nqueue: orders\nprefetch: 50\non_failure: reject\ndeclare:\n  exchanges:\n    - {name: shop, type: topic}\n    - {name: shop.dlx, type: fanout}\n  queues:\n    - name: orders\n      arguments: {x-dead-letter-exchange: shop.dlx, x-queue-type: quorum}\n    - {name: orders.failed}\n  bindings:\n    - {queue: orders, exchange: shop, routing_key: \"order.*\"}\n    - {queue: orders.failed, exchange: shop.dlx}\n",
         )
         .example(
-            "An existing queue over TLS",
-            "url: amqps://sluice:${env:AMQP_PASSWORD}@mq.internal:5671/prod\nqueue: invoices\ntls:\n  ca_file: /etc/sluice/ca.pem\n",
+            "An existing queue over TLS, trusting the system's certificate authorities",
+            "url: amqps://sluice:s3cret@mq.internal:5671/prod\nqueue: invoices\nprefetch: 200\n",
         )
 }
 

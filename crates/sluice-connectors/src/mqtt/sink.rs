@@ -102,7 +102,7 @@ pub fn spec() -> ComponentSpec {
     )
     .example(
         "The latest status of each site, retained",
-        "url: mqtt://user:${env:MQTT_PASSWORD}@broker:1883\ntopic: \"sites/{site}/status\"\nretain: true\n",
+        "url: mqtt://sluice:s3cret@broker:1883\ntopic: \"sites/{site}/status\"\nretain: true\n",
     )
 }
 
