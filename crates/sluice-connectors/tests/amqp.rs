@@ -285,10 +285,12 @@ async fn source_rejects_failed_messages_to_the_dead_letter_exchange() {
         problems(&resources, "amqp-reject").is_empty()
     })
     .await;
-    let (_conn, channel) = client().await;
+    let (conn, _) = client().await;
     let mut declared = false;
     for _ in 0..100 {
-        if channel
+        // A passive declare of a missing queue closes its channel: a new one per attempt.
+        let probe = conn.create_channel().await.unwrap();
+        if probe
             .queue_declare(
                 queue.as_str().into(),
                 QueueDeclareOptions {
