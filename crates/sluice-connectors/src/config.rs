@@ -23,6 +23,34 @@ pub fn parse<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, BuildE
     })
 }
 
+/// Asserts that deserializing only `required` gives the same config as deserializing it with
+/// `spec`'s defaults filled in, as the engine does: the serde defaults repeat the spec's.
+#[cfg(test)]
+#[allow(clippy::needless_pass_by_value)] // called with `json!` literals
+pub(crate) fn assert_defaults_agree<T>(
+    spec: &sluice_core::spec::ComponentSpec,
+    required: serde_json::Value,
+) where
+    T: DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let mut filled = required.as_object().cloned().unwrap_or_default();
+    for field in &spec.fields {
+        if let Some(default) = &field.default {
+            filled
+                .entry(field.name.to_owned())
+                .or_insert_with(|| default.clone());
+        }
+    }
+    let bare: T = parse(&required).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    let full: T =
+        parse(&serde_json::Value::Object(filled)).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+    assert_eq!(
+        bare, full,
+        "{}: serde defaults and spec defaults differ",
+        spec.name
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,9 +6,18 @@
 
 use sluice_core::Registry;
 
+#[cfg(any(feature = "nats", feature = "redis"))]
+pub mod cached;
 pub mod config;
 pub mod reconnect;
-#[cfg(any(feature = "http", feature = "file", feature = "amqp", feature = "mqtt"))]
+#[cfg(any(
+    feature = "http",
+    feature = "file",
+    feature = "amqp",
+    feature = "mqtt",
+    feature = "nats",
+    feature = "redis"
+))]
 pub mod template;
 
 #[cfg(feature = "amqp")]
@@ -21,6 +30,10 @@ pub mod http;
 pub mod log;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "timer")]
 pub mod timer;
 
@@ -56,6 +69,27 @@ pub fn register_all(registry: &mut Registry) {
     {
         registry.sink(log::log_spec(), log::build_log);
         registry.sink(log::stdout_spec(), log::build_stdout);
+    }
+    #[cfg(feature = "nats")]
+    {
+        registry.source(nats::core::source_spec(), nats::core::build_source);
+        registry.sink(nats::core::sink_spec(), nats::core::build_sink);
+        registry.processor(nats::core::processor_spec(), nats::core::build_processor);
+        registry.source(
+            nats::jetstream::source_spec(),
+            nats::jetstream::build_source,
+        );
+        registry.sink(nats::jetstream::sink_spec(), nats::jetstream::build_sink);
+    }
+    #[cfg(feature = "redis")]
+    {
+        registry.source(redis::stream::source_spec(), redis::stream::build_source);
+        registry.sink(redis::stream::sink_spec(), redis::stream::build_sink);
+        registry.source(redis::list::source_spec(), redis::list::build_source);
+        registry.sink(redis::list::sink_spec(), redis::list::build_sink);
+        registry.source(redis::pubsub::source_spec(), redis::pubsub::build_source);
+        registry.sink(redis::pubsub::sink_spec(), redis::pubsub::build_sink);
+        registry.processor(redis::command::spec(), redis::command::build);
     }
     // Keeps the parameter used when every connector feature is off.
     let _ = registry;

@@ -22,15 +22,39 @@ use sluice_core::spec::ComponentKind;
 #[test]
 fn every_component_is_registered() {
     let reg = registry();
-    assert_eq!(
-        reg.names(ComponentKind::Source),
-        ["amqp", "file", "http", "mqtt", "timer"]
+    let (mut sources, mut processors, mut sinks) = (
+        vec!["file", "http", "timer"],
+        vec!["http"],
+        vec!["file", "http", "log", "stdout"],
     );
-    assert_eq!(reg.names(ComponentKind::Processor), ["http"]);
-    assert_eq!(
-        reg.names(ComponentKind::Sink),
-        ["amqp", "file", "http", "log", "mqtt", "stdout"]
-    );
+    #[cfg(feature = "amqp")]
+    {
+        sources.push("amqp");
+        sinks.push("amqp");
+    }
+    #[cfg(feature = "mqtt")]
+    {
+        sources.push("mqtt");
+        sinks.push("mqtt");
+    }
+    #[cfg(feature = "nats")]
+    {
+        sources.extend(["jetstream", "nats"]);
+        processors.push("nats");
+        sinks.extend(["jetstream", "nats"]);
+    }
+    #[cfg(feature = "redis")]
+    {
+        sources.extend(["redis_list", "redis_pubsub", "redis_stream"]);
+        processors.push("redis");
+        sinks.extend(["redis_list", "redis_pubsub", "redis_stream"]);
+    }
+    for names in [&mut sources, &mut processors, &mut sinks] {
+        names.sort_unstable();
+    }
+    assert_eq!(reg.names(ComponentKind::Source), sources);
+    assert_eq!(reg.names(ComponentKind::Processor), processors);
+    assert_eq!(reg.names(ComponentKind::Sink), sinks);
 }
 
 #[tokio::test]
@@ -125,27 +149,34 @@ fn serde_defaults_match_spec_defaults() {
     defaults_agree::<timer::TimerConfig>(ComponentKind::Source, "timer", json!({"interval": "1s"}));
     defaults_agree::<log::LogConfig>(ComponentKind::Sink, "log", json!({}));
     defaults_agree::<log::StdoutConfig>(ComponentKind::Sink, "stdout", json!({}));
-    use sluice_connectors::{amqp, mqtt};
-    defaults_agree::<amqp::source::AmqpSourceConfig>(
-        ComponentKind::Source,
-        "amqp",
-        json!({"url": "amqp://h", "queue": "q"}),
-    );
-    defaults_agree::<amqp::sink::AmqpSinkConfig>(
-        ComponentKind::Sink,
-        "amqp",
-        json!({"url": "amqp://h", "routing_key": "q"}),
-    );
-    defaults_agree::<mqtt::source::MqttSourceConfig>(
-        ComponentKind::Source,
-        "mqtt",
-        json!({"url": "mqtt://h", "topics": "t"}),
-    );
-    defaults_agree::<mqtt::sink::MqttSinkConfig>(
-        ComponentKind::Sink,
-        "mqtt",
-        json!({"url": "mqtt://h", "topic": "t"}),
-    );
+    #[cfg(feature = "amqp")]
+    {
+        use sluice_connectors::amqp;
+        defaults_agree::<amqp::source::AmqpSourceConfig>(
+            ComponentKind::Source,
+            "amqp",
+            json!({"url": "amqp://h", "queue": "q"}),
+        );
+        defaults_agree::<amqp::sink::AmqpSinkConfig>(
+            ComponentKind::Sink,
+            "amqp",
+            json!({"url": "amqp://h", "routing_key": "q"}),
+        );
+    }
+    #[cfg(feature = "mqtt")]
+    {
+        use sluice_connectors::mqtt;
+        defaults_agree::<mqtt::source::MqttSourceConfig>(
+            ComponentKind::Source,
+            "mqtt",
+            json!({"url": "mqtt://h", "topics": "t"}),
+        );
+        defaults_agree::<mqtt::sink::MqttSinkConfig>(
+            ComponentKind::Sink,
+            "mqtt",
+            json!({"url": "mqtt://h", "topic": "t"}),
+        );
+    }
 }
 
 #[test]
@@ -166,6 +197,11 @@ fn spec_fields_match_the_config_structs() {
         (ComponentKind::Source, "timer", json!({"interval": "1s"})),
         (ComponentKind::Sink, "log", json!({})),
         (ComponentKind::Sink, "stdout", json!({})),
+    ];
+    #[allow(unused_mut)]
+    let mut samples = samples.to_vec();
+    #[cfg(feature = "amqp")]
+    samples.extend([
         (
             ComponentKind::Source,
             "amqp",
@@ -176,6 +212,9 @@ fn spec_fields_match_the_config_structs() {
             "amqp",
             json!({"url": "amqp://h", "routing_key": "q"}),
         ),
+    ]);
+    #[cfg(feature = "mqtt")]
+    samples.extend([
         (
             ComponentKind::Source,
             "mqtt",
@@ -186,7 +225,41 @@ fn spec_fields_match_the_config_structs() {
             "mqtt",
             json!({"url": "mqtt://h", "topic": "t"}),
         ),
-    ];
+    ]);
+    #[cfg(feature = "nats")]
+    samples.extend([
+        (ComponentKind::Source, "nats", json!({"subject": "a"})),
+        (ComponentKind::Processor, "nats", json!({"subject": "a"})),
+        (ComponentKind::Sink, "nats", json!({"subject": "a"})),
+        (
+            ComponentKind::Source,
+            "jetstream",
+            json!({"stream": "S", "consumer": "c"}),
+        ),
+        (ComponentKind::Sink, "jetstream", json!({"subject": "a"})),
+    ]);
+    #[cfg(feature = "redis")]
+    samples.extend([
+        (
+            ComponentKind::Source,
+            "redis_stream",
+            json!({"stream": "s", "group": "g"}),
+        ),
+        (ComponentKind::Sink, "redis_stream", json!({"stream": "s"})),
+        (ComponentKind::Source, "redis_list", json!({"list": "q"})),
+        (ComponentKind::Sink, "redis_list", json!({"list": "q"})),
+        (
+            ComponentKind::Source,
+            "redis_pubsub",
+            json!({"channel": "c"}),
+        ),
+        (ComponentKind::Sink, "redis_pubsub", json!({"channel": "c"})),
+        (
+            ComponentKind::Processor,
+            "redis",
+            json!({"command": "get", "key": "k"}),
+        ),
+    ]);
     for (kind, name, required) in samples {
         let (spec, factory) = reg.get(kind, name).unwrap();
         let mut config = with_defaults(spec, &required);

@@ -40,6 +40,21 @@ impl Pipeline {
     pub(crate) fn shared(steps: Arc<[Step]>) -> Self {
         Pipeline { steps }
     }
+
+    /// The ids of the pipeline's steps, in order.
+    pub fn step_ids(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.id.as_str()).collect()
+    }
+
+    /// Where the step `id` is in the pipeline.
+    fn position(&self, id: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.id == id)
+    }
+
+    /// Runs `msg` through the steps from position `start` on.
+    async fn process_from(&self, start: usize, msg: Message) -> Result<Outputs, Failure> {
+        run_steps(self.steps.get(start..).unwrap_or_default(), msg).await
+    }
 }
 
 /// Runs `msg` through `steps`.
@@ -279,8 +294,40 @@ impl Flow {
         })
     }
 
+    /// The ids of the flow's top-level steps, in order: where [`Flow::dispatch_from`] may start.
+    pub fn step_ids(&self) -> Vec<&str> {
+        self.pipeline.step_ids()
+    }
+
+    /// Runs `msg` through the flow starting at its top-level step `step` (the steps before it
+    /// are skipped), then the targets and the error handling, like
+    /// [`Dispatch::dispatch`]. For a dead letter replayed where it failed, so the work its
+    /// earlier steps did (calls with side effects) is not done twice. `Err(msg)` hands the
+    /// message back untouched when the flow has no such step; see [`Flow::step_ids`].
+    #[allow(clippy::result_large_err)]
+    pub async fn dispatch_from(
+        &self,
+        step: &str,
+        msg: Message,
+    ) -> Result<Result<Vec<Message>, Failure>, Message> {
+        let Some(start) = self.pipeline.position(step) else {
+            return Err(msg);
+        };
+        let place = self.admit_message(msg).await;
+        Ok(self.run_from(place, start).await)
+    }
+
     /// Runs an admitted message through the steps and targets, then the error handling.
     async fn run(&self, place: Result<Place, Failure>) -> Result<Vec<Message>, Failure> {
+        self.run_from(place, 0).await
+    }
+
+    /// [`Flow::run`] from the step at position `start`.
+    async fn run_from(
+        &self,
+        place: Result<Place, Failure>,
+        start: usize,
+    ) -> Result<Vec<Message>, Failure> {
         self.metrics.received();
         let mut place = match place {
             Ok(place) => place,
@@ -295,7 +342,7 @@ impl Flow {
             .dead_letter
             .as_ref()
             .map(|_| place.msg.detached());
-        let processed = self.pipeline.process(place.msg).await;
+        let processed = self.pipeline.process_from(start, place.msg).await;
         self.complete(processed, original).await
     }
 
@@ -470,6 +517,31 @@ mod tests {
         let flow_slot = FlowSlot::default();
         assert!(flow_slot.set(Arc::downgrade(&flow)).is_ok());
         (flow, steps, flow_slot, captured)
+    }
+
+    #[tokio::test]
+    async fn dispatch_from_skips_the_steps_before_the_named_one() {
+        let (flow, _steps, _flow_slot, captured) = flow();
+        assert_eq!(flow.step_ids(), vec!["a", "b"]);
+        let (token, rx) = AckToken::channel();
+        let replies = flow
+            .dispatch_from("b", Message::json(json!({"n": 1})).with_ack(token))
+            .await
+            .unwrap()
+            .unwrap();
+        // Only `b` ran: 1 * 10, not (1 + 1) * 10.
+        assert_eq!(replies[0].body.json().unwrap(), &json!({"n": 10}));
+        assert_eq!(rx.await.unwrap(), Outcome::Ack);
+        assert_eq!(captured.take("out").len(), 1);
+
+        let whole = flow.dispatch(Message::json(json!({"n": 1}))).await.unwrap();
+        assert_eq!(whole[0].body.json().unwrap(), &json!({"n": 20}));
+
+        let back = flow
+            .dispatch_from("nope", Message::json(json!({"n": 5})))
+            .await
+            .unwrap_err();
+        assert_eq!(back.body.json().unwrap(), &json!({"n": 5}));
     }
 
     #[tokio::test]

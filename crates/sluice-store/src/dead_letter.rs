@@ -14,13 +14,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, DecodeError};
 use crate::error::StoreError;
 use crate::store::Inner;
 use crate::tables::{CHANNELS, COUNTERS, DEAD_LETTERS, RECORDS, REPLAYS};
+use crate::writer::Room;
 
 const NEXT_ID: &str = "dead_letter_next_id";
 
@@ -154,7 +155,7 @@ impl DeadLetters {
         let frame = encode(&letter, &[])?;
         self.inner
             .writer
-            .run(1, move |txn| insert(txn, &frame))
+            .run(Room::Grows, 1, move |txn| insert(txn, &frame))
             .await
     }
 
@@ -206,7 +207,7 @@ impl DeadLetters {
     pub async fn delete(&self, ids: Vec<u64>) -> Result<usize, StoreError> {
         self.inner
             .writer
-            .run(ids.len().max(1), move |txn| {
+            .run(Room::Drains, ids.len().max(1), move |txn| {
                 let mut table = txn.open_table(DEAD_LETTERS)?;
                 let mut deleted = 0;
                 for id in ids {
@@ -227,7 +228,7 @@ impl DeadLetters {
         let now = self.inner.clock.now_ms();
         self.inner
             .writer
-            .run(1, move |txn| mark(txn, id, &replay_id, now))
+            .run(Room::Drains, 1, move |txn| mark(txn, id, &replay_id, now))
             .await
     }
 
@@ -247,21 +248,23 @@ impl DeadLetters {
         let now = self.inner.clock.now_ms();
         self.inner
             .writer
-            .run(1, move |txn| match mark(txn, id, &replay_id, now)? {
-                ReplayMark::First => {
-                    let mut channels = txn.open_table(CHANNELS)?;
-                    let (next, cursor) = channels
-                        .get(channel.as_str())?
-                        .map_or((1, 1), |state| state.value());
-                    txn.open_table(RECORDS)?
-                        .insert((channel.as_str(), next), frame.as_slice())?;
-                    channels.insert(channel.as_str(), (next + 1, cursor))?;
-                    Ok(ReplayOutcome::Appended(next))
+            .run(Room::Grows, 1, move |txn| {
+                match mark(txn, id, &replay_id, now)? {
+                    ReplayMark::First => {
+                        let mut channels = txn.open_table(CHANNELS)?;
+                        let (next, cursor) = channels
+                            .get(channel.as_str())?
+                            .map_or((1, 1), |state| state.value());
+                        txn.open_table(RECORDS)?
+                            .insert((channel.as_str(), next), frame.as_slice())?;
+                        channels.insert(channel.as_str(), (next + 1, cursor))?;
+                        Ok(ReplayOutcome::Appended(next))
+                    }
+                    ReplayMark::AlreadyReplayed { dead_letter } => {
+                        Ok(ReplayOutcome::AlreadyReplayed { dead_letter })
+                    }
+                    ReplayMark::NotFound => Ok(ReplayOutcome::NotFound),
                 }
-                ReplayMark::AlreadyReplayed { dead_letter } => {
-                    Ok(ReplayOutcome::AlreadyReplayed { dead_letter })
-                }
-                ReplayMark::NotFound => Ok(ReplayOutcome::NotFound),
             })
             .await
     }

@@ -73,7 +73,21 @@ impl StoreError {
     }
 }
 
-fn is_full(error: &io::Error) -> bool {
+impl StoreError {
+    /// Whether the database met an I/O error: redb then refuses every later operation until it
+    /// is reopened.
+    pub(crate) fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Storage(
+                redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed
+            )
+        ) || self.is_disk_full()
+    }
+}
+
+/// Whether an I/O error says the disk or the quota is full.
+pub(crate) fn is_full(error: &io::Error) -> bool {
     matches!(
         error.kind(),
         io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded

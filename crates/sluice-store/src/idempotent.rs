@@ -10,12 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 
 use crate::clock::millis;
 use crate::error::StoreError;
 use crate::store::Inner;
 use crate::tables::{IDEMPOTENT, IDEMPOTENT_EXPIRY};
+use crate::writer::Room;
 
 const CLAIMED: u8 = 0;
 const CONFIRMED: u8 = 1;
@@ -60,7 +61,7 @@ impl IdempotentKeys {
         let expires = now.saturating_add(millis(ttl));
         self.inner
             .writer
-            .run(1, move |txn| {
+            .run(Room::Drains, 1, move |txn| {
                 if live_state(txn, &name, &key, now)?.is_some() {
                     return Ok(Claim::Duplicate);
                 }
@@ -76,7 +77,9 @@ impl IdempotentKeys {
         let expires = self.inner.clock.now_ms().saturating_add(millis(ttl));
         self.inner
             .writer
-            .run(1, move |txn| set(txn, &name, &key, CONFIRMED, expires))
+            .run(Room::Drains, 1, move |txn| {
+                set(txn, &name, &key, CONFIRMED, expires)
+            })
             .await
     }
 
@@ -85,7 +88,9 @@ impl IdempotentKeys {
         let (name, key) = (Arc::clone(&self.name), key.to_owned());
         self.inner
             .writer
-            .run(1, move |txn| remove(txn, &name, &key).map(|_| ()))
+            .run(Room::Drains, 1, move |txn| {
+                remove(txn, &name, &key).map(|_| ())
+            })
             .await
     }
 
@@ -108,7 +113,7 @@ impl IdempotentKeys {
         let now = self.inner.clock.now_ms();
         self.inner
             .writer
-            .run(1, move |txn| purge(txn, now, limit))
+            .run(Room::Drains, 1, move |txn| purge(txn, now, limit))
             .await
     }
 }

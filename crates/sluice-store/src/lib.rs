@@ -50,11 +50,42 @@
 //! count kept, so a consumer sees the redelivery), nack delays survive, and acked records are
 //! gone for good.
 //!
+//! # I/O errors and a full disk
+//! After an I/O error redb refuses everything until its `Database` is opened again. The writer
+//! thread does that by itself (`reopen.rs`): it takes the database away from readers, drops it,
+//! and opens it again from the same file or backend, retrying with a backoff capped at a second
+//! while opening fails; redb's recovery rolls back to the last durable commit, which holds
+//! everything ever acknowledged. Leases are kept (their consumers are alive), unlike at open.
+//! Requests meanwhile fail at once: [`StoreError::DiskFull`] when the disk is full, else
+//! [`StoreError::Abandoned`]; none is queued behind a broken disk.
+//!
+//! A full disk must not stop consumers, whose acks are what frees space, yet redb needs to write
+//! to commit an ack. A store on a directory therefore keeps a **reserve**: the file `reserve`
+//! ([`StoreOptions::reserve`], 4 MiB by default), written at open. The first commit that fails
+//! because the disk is full deletes it; from then on requests that store new payloads
+//! ([`Queue::append`], [`DeadLetters::put`], [`DeadLetters::replay_into`]) fail at once with
+//! [`StoreError::DiskFull`] while leases, acks, nacks, deletes and idempotency keys commit on the
+//! freed room. The writer tries to write the reserve again (same backoff), and lets producers
+//! back in once it can write it with as much again to spare. So:
+//!
+//! - the reserve is on disk exactly while producers are admitted;
+//! - a refused request stored nothing; a failed commit is all or nothing (a full disk fails it
+//!   while its pages are written, before the header that would make it durable), and nothing
+//!   acknowledged is ever lost;
+//! - work resumes in the same process once the disk has room for twice the reserve; nobody
+//!   reopens anything. Space freed inside `store.redb` by acks is reused by redb, not returned
+//!   to the filesystem, so it does not by itself count as room.
+//!
+//! A store opened on a full disk starts with the reserve released (using it for its recovery
+//! commit if needed), so consumers can drain right away. Stores on another backend have no
+//! reserve: they reopen, but a full disk fails every write until space returns.
+//!
 //! # Testing
 //! `src/tests/model.rs` runs random action sequences against the store and an in-memory model,
 //! on a simulated disk (`src/tests/sim_disk.rs`, a redb `StorageBackend`) that keeps only synced
 //! writes at a crash, plus a random prefix of the later ones with the last possibly torn, and
-//! that can lose power in the middle of a commit. `fuzz/` holds a cargo-fuzz target for the
+//! that can lose power in the middle of a commit or fill up; `tests/disk_full.rs` fills a real
+//! tmpfs (when it can mount one) to check the drain and the recovery. `fuzz/` holds a cargo-fuzz target for the
 //! record decoder (its own workspace, not built in CI).
 
 pub mod codec;
@@ -65,6 +96,8 @@ mod error;
 mod idempotent;
 mod lock;
 mod queue;
+mod reopen;
+mod reserve;
 mod store;
 mod tables;
 mod writer;
@@ -80,5 +113,6 @@ pub use error::StoreError;
 pub use idempotent::{Claim, IdempotentKeys};
 pub use lock::LOCK_FILE;
 pub use queue::{Delivery, Queue};
+pub use reserve::{DEFAULT_RESERVE, RESERVE_FILE};
 pub use store::{DATABASE_FILE, DEFAULT_CACHE_SIZE, OpenReport, Store, StoreOptions};
 pub use writer::GroupCommit;

@@ -18,6 +18,7 @@ use crate::dead_letter::{self, Quarantined};
 use crate::error::StoreError;
 use crate::store::Inner;
 use crate::tables::{CHANNELS, DELAYED, IN_FLIGHT, LEASED, RECORDS, VISIBLE_AT};
+use crate::writer::Room;
 
 /// A record handed to a consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +77,7 @@ impl Queue {
         let channel = Arc::clone(&self.channel);
         self.inner
             .writer
-            .run(frames.len().max(1), move |txn| {
+            .run(Room::Grows, frames.len().max(1), move |txn| {
                 append(txn, &channel, &frames)
             })
             .await
@@ -96,7 +97,9 @@ impl Queue {
         let until = now.saturating_add(crate::clock::millis(visibility_timeout));
         self.inner
             .writer
-            .run(1, move |txn| lease(txn, &channel, max, now, until))
+            .run(Room::Drains, 1, move |txn| {
+                lease(txn, &channel, max, now, until)
+            })
             .await
     }
 
@@ -106,7 +109,9 @@ impl Queue {
         let channel = Arc::clone(&self.channel);
         self.inner
             .writer
-            .run(ids.len().max(1), move |txn| ack(txn, &channel, &ids))
+            .run(Room::Drains, ids.len().max(1), move |txn| {
+                ack(txn, &channel, &ids)
+            })
             .await
     }
 
@@ -121,7 +126,9 @@ impl Queue {
             .saturating_add(crate::clock::millis(delay));
         self.inner
             .writer
-            .run(1, move |txn| nack(txn, &channel, id, visible_at))
+            .run(Room::Drains, 1, move |txn| {
+                nack(txn, &channel, id, visible_at)
+            })
             .await
     }
 }
@@ -298,7 +305,7 @@ pub(crate) async fn corrupt(queue: &Queue, seq: u64, bytes: Vec<u8>) -> Result<b
     queue
         .inner
         .writer
-        .run(1, move |txn| {
+        .run(Room::Drains, 1, move |txn| {
             let mut records = txn.open_table(RECORDS)?;
             let found = records.get((&*channel, seq))?.is_some();
             if found {
@@ -312,7 +319,6 @@ pub(crate) async fn corrupt(queue: &Queue, seq: u64, bytes: Vec<u8>) -> Result<b
 /// Test hook: the ids stored for the queue's channel, read directly.
 #[cfg(test)]
 pub(crate) fn stored_ids(queue: &Queue) -> Result<Vec<u64>, StoreError> {
-    use redb::ReadableDatabase;
     let txn = queue.inner.db.begin_read()?;
     let records = txn.open_table(RECORDS)?;
     let channel = &*queue.channel;

@@ -11,8 +11,10 @@ use crate::error::StoreError;
 use crate::idempotent::IdempotentKeys;
 use crate::lock::DirLock;
 use crate::queue::{self, Queue};
+use crate::reopen::{DbSlot, Opener};
+use crate::reserve::{DEFAULT_RESERVE, RESERVE_FILE, Reserve};
 use crate::tables;
-use crate::writer::{GroupCommit, Writer};
+use crate::writer::{GroupCommit, Storage, Writer};
 
 /// The database file's name inside the data directory.
 pub const DATABASE_FILE: &str = "store.redb";
@@ -28,6 +30,10 @@ pub struct StoreOptions {
     /// so a small cache serves it; redb's own default (1 GiB) would grow a process's memory by
     /// hundreds of megabytes under load for little gain.
     pub cache_size: usize,
+    /// Bytes kept free on the data directory's disk for draining when it fills up (the
+    /// `reserve` file; see the crate docs). 0 keeps none: then a full disk stops consumers too.
+    /// Only stores opened on a directory have one.
+    pub reserve: u64,
 }
 
 /// The default [`StoreOptions::cache_size`]: 32 MiB.
@@ -39,6 +45,7 @@ impl Default for StoreOptions {
             group_commit: GroupCommit::default(),
             clock: Arc::new(SystemClock),
             cache_size: DEFAULT_CACHE_SIZE,
+            reserve: DEFAULT_RESERVE,
         }
     }
 }
@@ -54,7 +61,8 @@ pub struct OpenReport {
 /// (and joined) before the database and the lock are released.
 pub(crate) struct Inner {
     pub(crate) writer: Writer,
-    pub(crate) db: Arc<Database>,
+    /// The database for reads; the writer replaces it when it reopens the database.
+    pub(crate) db: Arc<DbSlot>,
     pub(crate) clock: Arc<dyn Clock>,
     lock: Option<DirLock>,
 }
@@ -77,25 +85,55 @@ impl std::fmt::Debug for Store {
 
 impl Store {
     /// Opens (creating if needed) the store in `dir`, locked against other processes. Leases
-    /// held when the store was last closed become visible again.
+    /// held when the store was last closed become visible again. On a full disk it still opens
+    /// if its reserve is on disk (whose room then serves the recovery commit), so consumers can
+    /// drain, with producers refused until there is room.
     pub fn open(dir: &Path, options: StoreOptions) -> Result<Self, StoreError> {
         let lock = DirLock::acquire(dir)?;
-        let db = Database::builder()
-            .set_cache_size(options.cache_size)
-            .create(dir.join(DATABASE_FILE))?;
-        Self::start(db, Some(lock), options)
+        let opener = Opener::file(dir.join(DATABASE_FILE), options.cache_size);
+        let reserve = if options.reserve > 0 {
+            let reserve = Reserve::new(dir.join(RESERVE_FILE), options.reserve);
+            let held = match reserve.fill() {
+                Ok(()) => true,
+                // A disk too full for the reserve opens with it released, as after a full disk.
+                Err(error) if crate::error::is_full(&error) => false,
+                Err(source) => {
+                    return Err(StoreError::Directory {
+                        dir: dir.to_path_buf(),
+                        source,
+                    });
+                }
+            };
+            Some((reserve, held))
+        } else {
+            None
+        };
+        let (db, report, reserve) = match open_and_recover(&opener) {
+            Ok((db, report)) => (db, report, reserve),
+            Err(error) if error.is_disk_full() => match reserve {
+                // Recovery is a write: give it the reserve's room and open released.
+                Some((reserve, true)) => {
+                    reserve.release();
+                    let (db, report) = open_and_recover(&opener)?;
+                    (db, report, Some((reserve, false)))
+                }
+                _ => return Err(error),
+            },
+            Err(error) => return Err(error),
+        };
+        Self::start(db, report, opener, reserve, Some(lock), options)
     }
 
     /// Opens a store on any redb storage backend, without a directory lock: for tests (a
-    /// simulated disk) and embedding. The caller guarantees exclusive use.
+    /// simulated disk) and embedding. The caller guarantees exclusive use. The store keeps the
+    /// backend to reopen the database on it after an I/O error, and never calls its `close`.
     pub fn open_with_backend(
         backend: impl StorageBackend,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
-        let db = Database::builder()
-            .set_cache_size(options.cache_size)
-            .create_with_backend(backend)?;
-        Self::start(db, None, options)
+        let opener = Opener::backend(backend, options.cache_size);
+        let (db, report) = open_and_recover(&opener)?;
+        Self::start(db, report, opener, None, None, options)
     }
 
     /// A store in memory that vanishes with the process: for checking flows (`sluice validate`,
@@ -106,16 +144,25 @@ impl Store {
 
     fn start(
         db: Database,
+        report: OpenReport,
+        opener: Opener,
+        reserve: Option<(Reserve, bool)>,
         lock: Option<DirLock>,
         options: StoreOptions,
     ) -> Result<Self, StoreError> {
         let db = Arc::new(db);
-        let report = recover(&db)?;
-        let writer = Writer::start(Arc::clone(&db), options.group_commit)?;
+        let slot = Arc::new(DbSlot::new(Arc::clone(&db)));
+        let storage = Storage {
+            db,
+            slot: Arc::clone(&slot),
+            opener,
+            reserve,
+        };
+        let writer = Writer::start(storage, options.group_commit)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 writer,
-                db,
+                db: slot,
                 clock: options.clock,
                 lock,
             }),
@@ -154,7 +201,15 @@ impl Store {
     }
 }
 
-/// Creates missing tables and releases the leases of the previous run, in one commit.
+/// Opens the database and recovers it (see [`recover`]).
+fn open_and_recover(opener: &Opener) -> Result<(Database, OpenReport), StoreError> {
+    let db = opener.open()?;
+    let report = recover(&db)?;
+    Ok((db, report))
+}
+
+/// Creates missing tables and releases the leases of the previous run, in one commit. Run at
+/// open only: a reopen after an I/O error keeps the leases, whose consumers are still alive.
 fn recover(db: &Database) -> Result<OpenReport, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_quick_repair(true);

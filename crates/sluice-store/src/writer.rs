@@ -6,6 +6,12 @@
 //! of a batch fails (a storage error), the whole transaction is rolled back and every request of
 //! the batch fails: requests only ever fail for storage reasons, never for their input, so one
 //! bad request cannot sink good ones.
+//!
+//! The writer also keeps the store usable through I/O errors and a full disk, by itself: after
+//! a batch fails with an I/O error it reopens the database (see `reopen.rs`), and after one fails
+//! because the disk is full it releases the disk reserve and refuses [`Room::Grows`] requests
+//! until it can write the reserve again (see `reserve.rs`). Requests that arrive while the
+//! database is closed fail at once with the reason; nothing is queued behind a broken disk.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +23,8 @@ use redb::{Database, Durability, WriteTransaction};
 use tokio::sync::oneshot;
 
 use crate::error::StoreError;
+use crate::reopen::{Backoff, DbSlot, Opener};
+use crate::reserve::Reserve;
 
 /// How requests are packed into commits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,11 +48,24 @@ impl Default for GroupCommit {
     }
 }
 
+/// Whether a request may run while the disk reserve is released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// Stores new payloads (appends, dead letters, replays): refused while the reserve is
+    /// released, so the room it left stays for draining.
+    Grows,
+    /// Drains the store or writes small fixed-size entries (leases, acks, nacks, deletes,
+    /// idempotency keys): runs on the reserve's room.
+    Drains,
+}
+
 /// Why a batch did not commit, as told to every request in it.
 #[derive(Debug, Clone)]
-struct CommitFailure {
+pub(crate) struct CommitFailure {
     reason: String,
     disk_full: bool,
+    /// An I/O error: redb refuses every later operation until the database is reopened.
+    io: bool,
 }
 
 impl CommitFailure {
@@ -52,6 +73,30 @@ impl CommitFailure {
         Self {
             reason: error.to_string(),
             disk_full: error.is_disk_full(),
+            io: error.is_io(),
+        }
+    }
+
+    /// What requests hear while the database is closed after this failure.
+    fn reopening(&self) -> Self {
+        Self {
+            reason: format!(
+                "the store is reopening its database after a failed write ({})",
+                self.reason
+            ),
+            disk_full: self.disk_full,
+            io: false,
+        }
+    }
+
+    /// What a [`Room::Grows`] request hears while the reserve is released.
+    fn reserve_in_use() -> Self {
+        Self {
+            reason: "the store keeps its last free space for consumers to drain it, and takes \
+                     new messages again once the disk has room"
+                .into(),
+            disk_full: true,
+            io: false,
         }
     }
 }
@@ -79,8 +124,26 @@ struct Ran {
 }
 
 struct Job {
+    room: Room,
     weight: usize,
     work: Work,
+}
+
+impl Job {
+    /// Fails the request without running it.
+    fn refuse(self, failure: &CommitFailure) {
+        ((self.work)(None).completion)(Err(failure.clone()));
+    }
+}
+
+/// What the writer writes to: the open database, how to open it again, the disk reserve.
+pub(crate) struct Storage {
+    pub(crate) db: Arc<Database>,
+    /// Where readers find the database; the writer swaps it on reopen.
+    pub(crate) slot: Arc<DbSlot>,
+    pub(crate) opener: Opener,
+    /// The disk reserve (`None`: a store without a data directory), and whether it is on disk.
+    pub(crate) reserve: Option<(Reserve, bool)>,
 }
 
 /// The handle to the writer thread. Dropping it lets the thread finish the queued requests and
@@ -92,13 +155,13 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn start(db: Arc<Database>, config: GroupCommit) -> Result<Self, StoreError> {
+    pub(crate) fn start(storage: Storage, config: GroupCommit) -> Result<Self, StoreError> {
         let (sender, receiver) = mpsc::channel();
         let commits = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&commits);
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
-            .spawn(move || writer_loop(&db, &receiver, config, &counter))
+            .spawn(move || writer_loop(Health::new(storage), &receiver, config, &counter))
             .map_err(StoreError::Thread)?;
         Ok(Self {
             sender: Some(sender),
@@ -113,7 +176,12 @@ impl Writer {
     }
 
     /// Runs `work` in the next commit and returns its result once that commit is durable.
-    pub(crate) async fn run<R, F>(&self, weight: usize, work: F) -> Result<R, StoreError>
+    pub(crate) async fn run<R, F>(
+        &self,
+        room: Room,
+        weight: usize,
+        work: F,
+    ) -> Result<R, StoreError>
     where
         R: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
@@ -145,7 +213,7 @@ impl Writer {
         });
         let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
         sender
-            .send(Job { weight, work })
+            .send(Job { room, weight, work })
             .map_err(|_| StoreError::Closed)?;
         result.await.map_err(|_| StoreError::Closed)?
     }
@@ -160,17 +228,170 @@ impl Drop for Writer {
     }
 }
 
-fn writer_loop(db: &Database, receiver: &Receiver<Job>, config: GroupCommit, commits: &AtomicU64) {
+/// The writer's view of its storage: whether the database is open, whether the reserve is on
+/// disk, and when to try to bring either back.
+struct Health {
+    /// The open database; `None` between a failed write and a successful reopen.
+    db: Option<Arc<Database>>,
+    slot: Arc<DbSlot>,
+    opener: Opener,
+    /// What requests hear while `db` is `None`.
+    closed: Option<CommitFailure>,
+    reopen_at: Instant,
+    reopen_backoff: Backoff,
+    reserve: Option<Reserve>,
+    /// Whether the reserve is released (then [`Room::Grows`] requests are refused).
+    released: bool,
+    refill_at: Instant,
+    refill_backoff: Backoff,
+}
+
+impl Health {
+    fn new(storage: Storage) -> Self {
+        let (reserve, held) = match storage.reserve {
+            Some((reserve, held)) => (Some(reserve), held),
+            None => (None, true),
+        };
+        let now = Instant::now();
+        Self {
+            db: Some(storage.db),
+            slot: storage.slot,
+            opener: storage.opener,
+            closed: None,
+            reopen_at: now,
+            reopen_backoff: Backoff::new(),
+            reserve,
+            released: !held,
+            refill_at: now,
+            refill_backoff: Backoff::new(),
+        }
+    }
+
+    /// When the writer should wake without a request, to retry a reopen or a refill.
+    fn wake_at(&self) -> Option<Instant> {
+        match self.closed {
+            Some(_) => Some(self.reopen_at),
+            // A refill waits for the reopen (see `heal`), so its time counts only once open.
+            None => self.released.then_some(self.refill_at),
+        }
+    }
+
+    /// Reopens the database and writes the reserve again, each once its wait has passed.
+    fn heal(&mut self) {
+        let now = Instant::now();
+        if self.closed.is_some() && now >= self.reopen_at {
+            match self.opener.open() {
+                Ok(db) => {
+                    let db = Arc::new(db);
+                    self.slot.open(Arc::clone(&db));
+                    self.db = Some(db);
+                    self.closed = None;
+                    self.reopen_backoff = Backoff::new();
+                }
+                Err(_) => self.reopen_at = now + self.reopen_backoff.next(),
+            }
+        }
+        // Only with the database open: the reserve takes room a reopen might need.
+        if self.released && self.closed.is_none() && now >= self.refill_at {
+            let filled = self.reserve.as_ref().is_some_and(|r| r.refill().is_ok());
+            if filled {
+                self.released = false;
+                self.refill_backoff = Backoff::new();
+            } else {
+                self.refill_at = now + self.refill_backoff.next();
+            }
+        }
+    }
+
+    /// Reacts to a failed batch: an I/O error closes the database (reopened by [`heal`]), a
+    /// full disk also releases the reserve.
+    ///
+    /// [`heal`]: Self::heal
+    fn failed(&mut self, failure: &CommitFailure) {
+        if !failure.io {
+            return;
+        }
+        let closed = failure.reopening();
+        self.slot.close(closed.clone());
+        // The last handle but readers' goes here; redb closes the file when they finish.
+        self.db = None;
+        self.closed = Some(closed);
+        if failure.disk_full
+            && !self.released
+            && let Some(reserve) = &self.reserve
+        {
+            // Before the reopen: opening may itself need to write.
+            reserve.release();
+            self.released = true;
+            self.refill_backoff = Backoff::new();
+            self.refill_at = Instant::now() + self.refill_backoff.next();
+        }
+        self.reopen_at = Instant::now();
+        self.heal();
+    }
+
+    /// Commits a batch, or fails it at once while the database is closed; requests that need
+    /// room are refused while the reserve is released.
+    fn commit(&mut self, batch: Vec<Job>, commits: &AtomicU64) {
+        let Some(db) = self.db.clone() else {
+            let failure = self.closed.clone().unwrap_or_else(|| {
+                CommitFailure::new(&StoreError::Abandoned("the database is closed".into()))
+            });
+            for job in batch {
+                job.refuse(&failure);
+            }
+            return;
+        };
+        let batch = if self.released {
+            let (grows, drains): (Vec<Job>, Vec<Job>) =
+                batch.into_iter().partition(|job| job.room == Room::Grows);
+            let refused = CommitFailure::reserve_in_use();
+            for job in grows {
+                job.refuse(&refused);
+            }
+            drains
+        } else {
+            batch
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(failure) = commit_batch(&db, batch, commits) {
+            drop(db);
+            self.failed(&failure);
+        }
+    }
+}
+
+fn writer_loop(
+    mut health: Health,
+    receiver: &Receiver<Job>,
+    config: GroupCommit,
+    commits: &AtomicU64,
+) {
     // Waiting pays only while more requests can still come. Producers blocked on the previous
     // commit come back together, so once the batch is as large as the previous one, waiting
     // longer mostly delays everyone (PostgreSQL's `commit_siblings` idea, adapted): a lone
     // producer never waits, N steady producers commit as soon as all N are in, and a growing
     // load still grows the batch through what is already queued.
     let mut expected = usize::MAX;
-    while let Ok(first) = receiver.recv() {
+    loop {
+        let first = match health.wake_at() {
+            None => match receiver.recv() {
+                Ok(job) => Some(job),
+                Err(_) => return,
+            },
+            Some(at) => match receiver.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+        };
+        health.heal();
+        let Some(first) = first else { continue };
         let batch = collect_batch(first, receiver, config, expected);
         expected = batch.len();
-        commit_batch(db, batch, commits);
+        health.commit(batch, commits);
     }
 }
 
@@ -211,16 +432,17 @@ fn collect_batch(
     batch
 }
 
-/// Runs and commits one batch, counting the commit before any caller hears of it.
-fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
+/// Runs and commits one batch, counting the commit before any caller hears of it; returns why
+/// it failed, if it did.
+fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) -> Result<(), CommitFailure> {
     let mut txn = match begin(db) {
         Ok(txn) => txn,
         Err(error) => {
             let failure = CommitFailure::new(&error);
             for job in batch {
-                ((job.work)(None).completion)(Err(failure.clone()));
+                job.refuse(&failure);
             }
-            return;
+            return Err(failure);
         }
     };
     let mut ran = Vec::with_capacity(batch.len());
@@ -249,6 +471,7 @@ fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) {
     for outcome in ran {
         (outcome.completion)(verdict.clone());
     }
+    verdict
 }
 
 fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {

@@ -73,15 +73,29 @@ enum DlqAction {
         #[arg(required = true)]
         ids: Vec<u64>,
     },
-    /// Send dead letters again through a running flow (needs `--admin`). Each letter is replayed
+    /// Send dead letters again through a running flow (needs `--admin`): the ones named by id,
+    /// or every one matching `--flow`/`--since`/`--error` (or `--all`). Each letter is replayed
     /// at most once per replay id (default: its own id), so repeating the command sends nothing
     /// twice.
     Replay {
-        /// The letters' ids.
-        #[arg(required = true)]
+        /// The letters' ids (or use the filters).
+        #[arg(required_unless_present_any = ["flow", "since", "error", "all"], conflicts_with_all = ["flow", "since", "error", "all"])]
         ids: Vec<u64>,
-        /// The flow to send to; default: the flow each letter failed in.
-        #[arg(long, value_name = "FLOW")]
+        /// Replay every letter of this flow.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Replay every letter whose last failure is at or after this time (RFC 3339 or `2h`).
+        #[arg(long)]
+        since: Option<String>,
+        /// Replay every letter whose error contains this text.
+        #[arg(long)]
+        error: Option<String>,
+        /// Replay every letter in the store.
+        #[arg(long)]
+        all: bool,
+        /// Where to send: `FLOW`, or `FLOW/STEP` to start at that top-level step (skipping the
+        /// steps before it); default: the flow each letter failed in, from its first step.
+        #[arg(long, value_name = "FLOW[/STEP]")]
         to: Option<String>,
         /// The replay id (one id only); pass a new one to send a letter again on purpose.
         #[arg(long)]
@@ -197,10 +211,26 @@ async fn execute(backend: &Backend, action: DlqAction, as_json: bool) -> anyhow:
             }
             Ok(exit(failed))
         }
-        DlqAction::Replay { ids, to, replay_id } => {
+        DlqAction::Replay {
+            ids,
+            flow,
+            since,
+            error,
+            all,
+            to,
+            replay_id,
+        } => {
             let Backend::Admin(base) = backend else {
                 bail!("replay needs --admin URL");
             };
+            if ids.is_empty() {
+                if replay_id.is_some() {
+                    bail!("--replay-id names one replay: pass one id with it, not filters");
+                }
+                let request =
+                    json!({"flow": flow, "since": since, "error": error, "all": all, "to": to});
+                return replay_matching(base, request, as_json).await;
+            }
             if replay_id.is_some() && ids.len() > 1 {
                 bail!("--replay-id names one replay: pass one id with it");
             }
@@ -235,6 +265,45 @@ async fn execute(backend: &Backend, action: DlqAction, as_json: bool) -> anyhow:
             Ok(exit(failed))
         }
     }
+}
+
+/// Replays every letter matching `request` through `POST /dlq/replay`, page after page.
+async fn replay_matching(
+    base: &str,
+    mut request: Value,
+    as_json: bool,
+) -> anyhow::Result<ExitCode> {
+    let url = format!("{base}/dlq/replay");
+    let (mut replayed, mut already, mut failed) = (0usize, 0usize, 0usize);
+    loop {
+        let answer = expect_ok(call("POST", &url, request.to_string()).await?)?;
+        let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
+        replayed += count("replayed");
+        already += count("already_replayed");
+        failed += count("failed");
+        for failure in answer["failed"].as_array().into_iter().flatten() {
+            eprintln!(
+                "error: {}: {}",
+                failure["id"],
+                failure["error"].as_str().unwrap_or("")
+            );
+        }
+        report(as_json, &answer, || {
+            format!(
+                "replayed {} letters; {} were already replayed",
+                count("replayed"),
+                count("already_replayed")
+            )
+        });
+        match answer["next_after"].as_u64() {
+            Some(after) => request["after"] = json!(after),
+            None => break,
+        }
+    }
+    if !as_json {
+        out!("total: {replayed} replayed, {already} already replayed, {failed} failed");
+    }
+    Ok(exit(failed > 0))
 }
 
 fn exit(failed: bool) -> ExitCode {

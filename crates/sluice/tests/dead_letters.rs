@@ -343,3 +343,145 @@ async fn the_cli_lists_shows_and_deletes_in_a_store_directory() {
     assert!(!ok);
     assert!(stderr.contains("--admin"), "{stderr}");
 }
+
+/// `charge` fails every message that went through `count`: only a replay that starts at
+/// `charge` (skipping `count`) gets through `billing`.
+const STEPPED: &str = r#"
+flows:
+  - name: billing
+    from:
+      http: { listen: 127.0.0.1:PORT, path: /bill }
+    steps:
+      - id: count
+        transform: '.counted = true'
+      - id: charge
+        transform: 'if .counted then error("payment service down") else . end'
+    to:
+      - file: { path: OUT }
+    dead_letter: { dead_letter_store: {} }
+  - name: audit
+    from:
+      http: { listen: 127.0.0.1:PORT, path: /audit }
+    steps:
+      - id: stamp
+        transform: '.audited = true'
+    to:
+      - file: { path: OUT }
+    dead_letter: { dead_letter_store: {} }
+"#;
+
+#[tokio::test]
+async fn letters_are_replayed_by_filter_and_from_a_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("delivered.jsonl");
+    let port = free_port();
+    let flows = write_flow(
+        &dir,
+        "flows.yaml",
+        &STEPPED
+            .replace("PORT", &port.to_string())
+            .replace("OUT", &out.display().to_string()),
+    );
+    let runtime = start_with_data(&[flows], Some(port), &data).await;
+    let admin = serve_admin(&runtime).await;
+    let api = format!("http://{admin}");
+    for amount in [500, 700, 900] {
+        request(
+            "POST",
+            &format!("http://127.0.0.1:{port}/bill"),
+            format!(r#"{{"amount": {amount}}}"#),
+        )
+        .await;
+    }
+    assert!(delivered(&out).is_empty());
+    let listed = request("GET", &format!("{api}/dlq"), "").await.json();
+    assert_eq!(listed["letters"].as_array().unwrap().len(), 3);
+
+    // A step that does not exist: 404 naming the steps, and the replay id is not spent.
+    let typo = request(
+        "POST",
+        &format!("{api}/dlq/1/replay"),
+        r#"{"to": "billing/chrge"}"#,
+    )
+    .await;
+    assert_eq!(typo.status, 404);
+    assert_eq!(typo.json()["steps"], json!(["count", "charge"]));
+
+    // The whole flow again: `count` runs, `charge` fails, a new letter (4) keeps the failure.
+    let again = request("POST", &format!("{api}/dlq/1/replay"), "").await;
+    assert_eq!(again.status, 422, "{}", again.json());
+    assert_eq!(again.json()["dead_lettered_again"], true);
+
+    // From `charge`: the stored original body, `count` skipped, so it goes through.
+    let resumed = request(
+        "POST",
+        &format!("{api}/dlq/2/replay"),
+        r#"{"to": "billing/charge"}"#,
+    )
+    .await;
+    assert_eq!(resumed.status, 200, "{}", resumed.json());
+    assert_eq!(resumed.json()["step"], "charge");
+    assert_eq!(delivered(&out), vec![json!({"amount": 700})]);
+
+    // Bulk: a filter is required.
+    let unfiltered = request("POST", &format!("{api}/dlq/replay"), "{}").await;
+    assert_eq!(unfiltered.status, 400);
+    assert!(unfiltered.json()["error"].as_str().unwrap().contains("all"));
+
+    // Bulk by flow into `audit`: letters 1 and 2 were replayed before (their ids are their
+    // replay ids); 3, and 4 (written by the failed replay of 1), go now.
+    let bulk = request(
+        "POST",
+        &format!("{api}/dlq/replay"),
+        r#"{"flow": "billing", "to": "audit"}"#,
+    )
+    .await;
+    assert_eq!(bulk.status, 200, "{}", bulk.json());
+    let bulk = bulk.json();
+    assert_eq!(bulk["replayed"], json!([3, 4]), "{bulk}");
+    assert_eq!(bulk["already_replayed"], json!([1, 2]), "{bulk}");
+    assert_eq!(bulk["failed"], json!([]));
+    let got = delivered(&out);
+    assert_eq!(
+        got[1..],
+        [
+            json!({"amount": 900, "audited": true}),
+            json!({"amount": 500, "audited": true})
+        ]
+    );
+
+    // The same bulk replay again through the CLI: nothing is sent twice.
+    let (ok, stdout, stderr) = sluice_async(vec![
+        "dlq".into(),
+        "replay".into(),
+        "--flow".into(),
+        "billing".into(),
+        "--to".into(),
+        "audit".into(),
+        "--admin".into(),
+        api.clone(),
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains("total: 0 replayed, 4 already replayed, 0 failed"),
+        "{stdout}"
+    );
+    assert_eq!(delivered(&out).len(), 3);
+
+    // Ids and filters do not mix.
+    let (ok, _, stderr) = sluice_async(vec![
+        "dlq".into(),
+        "replay".into(),
+        "1".into(),
+        "--flow".into(),
+        "billing".into(),
+        "--admin".into(),
+        api.clone(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    runtime.shutdown(std::time::Duration::from_secs(5)).await;
+}

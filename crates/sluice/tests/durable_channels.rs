@@ -360,3 +360,101 @@ flows:
     assert!(problems.contains("mismatch.yaml:7"), "{problems}");
     assert!(problems.contains("durable: false"), "{problems}");
 }
+
+/// A tmpfs mounted on a fresh directory, unmounted when dropped (also when the test fails).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(SmallDisk { dir })
+    }
+
+    /// Gives the filesystem more room, as an operator freeing space would.
+    fn grow(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount failed");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_with_retry_after_and_takes_messages_again_once_space_returns() {
+    let disk = match SmallDisk::mount("12m") {
+        Ok(disk) => disk,
+        Err(why) => {
+            println!("skipping the disk-full test: cannot mount a tmpfs ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = disk.dir.path().join("data");
+    let port = free_port();
+    // The worker holds its first message forever, so the channel only grows.
+    let runtime = start(&dir, &data, &flows(port, "disk-full", "block", ""), port).await;
+    let url = format!("http://127.0.0.1:{port}/jobs");
+    let body = "x".repeat(32 << 10);
+    let mut accepted = 0;
+    let full = loop {
+        let reply = request("POST", &url, body.clone()).await;
+        if reply.status != 202 {
+            break reply;
+        }
+        accepted += 1;
+        assert!(accepted < 10_000, "12 MiB never filled up");
+    };
+    assert!(accepted > 0, "nothing fit before the disk was full");
+    let text = String::from_utf8_lossy(&full.body).into_owned();
+    assert_eq!(full.status, 503, "{text}");
+    assert!(!full.header("retry-after").is_empty(), "no Retry-After");
+    assert!(text.contains("disk is full"), "{text}");
+
+    // Still full: still refused, the same way.
+    let again = request("POST", &url, body.clone()).await;
+    assert_eq!(again.status, 503);
+
+    // Space returns; the same running process takes messages again, by itself.
+    disk.grow("64m");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = request("POST", &url, body.clone()).await;
+        if reply.status == 202 {
+            break;
+        }
+        assert_eq!(
+            reply.status,
+            503,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never took messages again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    runtime.shutdown(Duration::from_millis(50)).await;
+    // Every message answered 202 is in the channel (the one the worker held included).
+    assert_eq!(left_in_channel(&data).await, accepted + 1);
+}

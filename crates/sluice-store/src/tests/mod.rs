@@ -27,6 +27,8 @@ fn options(clock: &Arc<ManualClock>) -> StoreOptions {
         },
         clock: Arc::clone(clock) as _,
         cache_size: crate::DEFAULT_CACHE_SIZE,
+        // Small: every test store writes its reserve at open.
+        reserve: 64 << 10,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Model-based test of the durable queue: random actions run against the store on a simulated
 //! disk and against a plain in-memory model, with restarts, crashes (at rest and in the middle
-//! of an append's commit, with unsynced writes dropped and the last one torn) and corrupted
+//! of an append's commit, with unsynced writes dropped and the last one torn), a disk that fills
+//! up during an append (the same store must go on by itself once space returns) and corrupted
 //! records in the action set. Every lease must return exactly what the model predicts, so no
 //! acknowledged append is ever lost, leases come back after a restart with their delivery count,
 //! and corrupt records are quarantined without blocking the others.
@@ -41,6 +42,8 @@ enum Action {
         keep: u8,
         tear: bool,
     },
+    /// The disk fills up for one append of this many records, then space returns.
+    DiskFullDuringAppend(u8),
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -56,6 +59,7 @@ fn action() -> impl Strategy<Value = Action> {
         2 => (1u8..4, 0u8..40, any::<u8>(), any::<bool>()).prop_map(
             |(records, after_writes, keep, tear)| Action::CrashDuringAppend { records, after_writes, keep, tear }
         ),
+        1 => (1u8..4).prop_map(Action::DiskFullDuringAppend),
     ]
 }
 
@@ -209,6 +213,7 @@ impl Harness {
             },
             clock: Arc::clone(&self.clock) as _,
             cache_size: crate::DEFAULT_CACHE_SIZE,
+            reserve: 0,
         };
         self.store = Some(Store::open_with_backend(self.disk.clone(), options).unwrap());
     }
@@ -298,6 +303,15 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
                 sut.crash(keep, tear);
                 model.restart();
             }
+            Action::DiskFullDuringAppend(records) => {
+                let payloads = model.payloads(records);
+                sut.disk.fill_up();
+                let error = sut.runtime.block_on(queue.append(payloads)).unwrap_err();
+                prop_assert!(error.is_disk_full(), "{}", error);
+                // Nothing stored; the same store takes writes again once it reopened.
+                sut.disk.free_space();
+                sut.wait_until_writable(&queue);
+            }
             Action::CrashDuringAppend {
                 records,
                 after_writes,
@@ -344,6 +358,18 @@ fn run(actions: Vec<Action>) -> Result<(), TestCaseError> {
 }
 
 impl Harness {
+    /// Commits empty acks until one succeeds: the writer reopens its database on a backoff.
+    fn wait_until_writable(&self, queue: &Queue) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while let Err(error) = self.runtime.block_on(queue.ack(Vec::new())) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never recovered from a full disk: {error}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     fn clock_now(&self) -> u64 {
         crate::Clock::now_ms(&*self.clock)
     }

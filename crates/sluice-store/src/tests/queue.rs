@@ -266,7 +266,7 @@ async fn concurrent_appends_share_one_commit_and_get_distinct_ids() {
 }
 
 #[tokio::test]
-async fn a_full_disk_fails_the_append_as_disk_full_and_stores_nothing() {
+async fn a_full_disk_fails_the_append_as_disk_full_and_the_same_store_resumes_once_space_returns() {
     let disk = super::sim_disk::SimDisk::default();
     let clock = clock();
     let store = Store::open_with_backend(disk.clone(), options(&clock)).unwrap();
@@ -281,16 +281,46 @@ async fn a_full_disk_fails_the_append_as_disk_full_and_stores_nothing() {
             .starts_with("the disk is full, nothing was stored"),
         "{err}"
     );
+    // Still full: the store is reopening its database (which needs a write), and says why.
+    let err = queue.append(payloads(&["b"])).await.unwrap_err();
+    assert!(matches!(err, StoreError::DiskFull(_)), "{err:?}");
 
-    // Space returns; a reopen (what the runtime does after a failed commit) resumes work.
+    // Space returns; the same store, never reopened by the caller, takes appends again.
     disk.free_space();
-    drop((queue, store));
-    let store = Store::open_with_backend(disk, options(&clock)).unwrap();
-    let queue = store.queue("q");
-    assert_eq!(queue.append(payloads(&["c"])).await.unwrap(), [2]);
+    let ids = append_until_stored(&queue, "c").await;
+    assert_eq!(ids, [2], "a refused append stored something");
     let leased = queue.lease(10, MINUTE).await.unwrap();
     let got: Vec<_> = leased.iter().map(|d| d.payload.clone()).collect();
     assert_eq!(got, ["a", "c"]);
+    queue.ack(vec![1, 2]).await.unwrap();
+    assert!(queue::stored_ids(&queue).unwrap().is_empty());
+
+    // And after a restart nothing acknowledged is lost, nothing refused shows up.
+    queue.append(payloads(&["d"])).await.unwrap();
+    drop((queue, store));
+    let store = Store::open_with_backend(disk, options(&clock)).unwrap();
+    let leased = store.queue("q").lease(10, MINUTE).await.unwrap();
+    let got: Vec<_> = leased.iter().map(|d| d.payload.clone()).collect();
+    assert_eq!(got, ["d"]);
+}
+
+/// Appends `text` until the store takes it (the writer retries its reopen with a backoff of at
+/// most a second); fails after 20 s.
+async fn append_until_stored(queue: &crate::Queue, text: &str) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match queue.append(payloads(&[text])).await {
+            Ok(ids) => return ids,
+            Err(error) => {
+                assert!(error.is_disk_full(), "{error}");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the store never took appends again: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,12 @@
 //!   else `body_base64`).
 //! * `DELETE /dlq/{id}`: removes it.
 //! * `POST /dlq/{id}/replay` with an optional `{"to": FLOW, "replay_id": ID}`: dispatches the
-//!   original message to a running flow (default: the one it failed in).
+//!   original message to a running flow (default: the one it failed in). `"to": "FLOW/STEP"`
+//!   starts at that top-level step, skipping the steps before it (resume where it failed).
+//! * `POST /dlq/replay` with `{"flow", "since", "error"}` (or `"all": true`) and an optional
+//!   `"to"`: replays every matching letter, up to 1000 per request (`after`/`next_after` page),
+//!   each under its own id as replay id; answers the ids `replayed`, `already_replayed` and
+//!   `failed` (with the reason).
 //!
 //! Replay is recorded before the message is dispatched (`mark_replayed`), so the same replay id
 //! (default: the letter's id) never delivers twice, even when two operators press the button at
@@ -21,6 +26,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{Value, json};
+use sluice_core::Dispatch;
 use sluice_engine::dead_letter_store::{letter_json, now_ms, parse_since, replay_message};
 use sluice_engine::durable::DurableStore;
 use sluice_engine::flow::DEAD_LETTERED;
@@ -32,6 +38,8 @@ use super::{AdminState, reply};
 const DEFAULT_LIMIT: usize = 100;
 /// The most letters one page holds.
 const MAX_LIMIT: usize = 1000;
+/// The most letters one bulk replay request sends.
+const MAX_BULK: usize = 1000;
 /// A replay request body is a small JSON object.
 const MAX_REQUEST_BODY: usize = 64 * 1024;
 
@@ -72,6 +80,7 @@ pub(super) async fn route(state: &AdminState, req: Request<Incoming>) -> Respons
         (&Method::GET, []) => list(state, query.as_deref()).await,
         (&Method::GET, [id]) => show(state, id).await,
         (&Method::DELETE, [id]) => delete(state, id).await,
+        (&Method::POST, ["replay"]) => replay_many(state, req).await,
         (&Method::POST, [id, "replay"]) => replay(state, id, req).await,
         (_, []) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -239,53 +248,68 @@ async fn delete(state: &AdminState, id: &str) -> Answer {
 }
 
 /// What a replay request may say.
+#[derive(Default)]
 struct ReplayRequest {
+    /// `FLOW` or `FLOW/STEP`.
     to: Option<String>,
     replay_id: Option<String>,
+    /// Bulk replay only: which letters.
+    flow: Option<String>,
+    since: Option<String>,
+    error: Option<String>,
+    after: Option<u64>,
+    all: bool,
 }
 
-async fn replay_request(req: Request<Incoming>) -> Result<ReplayRequest, ApiError> {
+async fn replay_request(req: Request<Incoming>, bulk: bool) -> Result<ReplayRequest, ApiError> {
     let body = Limited::new(req.into_body(), MAX_REQUEST_BODY)
         .collect()
         .await
         .map_err(|e| bad_request(format!("cannot read the request body: {e}")))?
         .to_bytes();
+    let mut request = ReplayRequest::default();
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(ReplayRequest {
-            to: None,
-            replay_id: None,
-        });
+        return Ok(request);
     }
+    let fields_help = if bulk {
+        "`flow`, `since`, `error`, `all`, `after`, `to`"
+    } else {
+        "`to` and `replay_id`"
+    };
     let value: Value = serde_json::from_slice(&body).map_err(|e| {
         bad_request(format!(
-            "the body must be JSON like {{\"to\": \"flow\", \"replay_id\": \"...\"}}: {e}"
+            "the body must be a JSON object with optional {fields_help}: {e}"
         ))
     })?;
     let Value::Object(fields) = value else {
-        return Err(bad_request(
-            "the body must be a JSON object with optional `to` and `replay_id`",
-        ));
-    };
-    let mut request = ReplayRequest {
-        to: None,
-        replay_id: None,
+        return Err(bad_request(format!(
+            "the body must be a JSON object with optional {fields_help}"
+        )));
     };
     for (key, value) in fields {
-        let text = match value {
-            Value::String(text) if !text.is_empty() => text,
-            Value::Null => continue,
-            other => {
-                return Err(bad_request(format!(
-                    "`{key}` must be a non-empty string, not {other}"
-                )));
+        match (key.as_str(), value) {
+            (_, Value::Null) => {}
+            ("all", Value::Bool(all)) if bulk => request.all = all,
+            ("after", Value::Number(n)) if bulk => {
+                request.after = Some(n.as_u64().ok_or_else(|| {
+                    bad_request(format!("`after` must be a dead-letter id, not {n}"))
+                })?);
             }
-        };
-        match key.as_str() {
-            "to" => request.to = Some(text),
-            "replay_id" => request.replay_id = Some(text),
-            _ => {
+            (key, Value::String(text)) if !text.is_empty() => match key {
+                "to" => request.to = Some(text),
+                "replay_id" if !bulk => request.replay_id = Some(text),
+                "flow" if bulk => request.flow = Some(text),
+                "since" if bulk => request.since = Some(text),
+                "error" if bulk => request.error = Some(text),
+                _ => {
+                    return Err(bad_request(format!(
+                        "unknown field `{key}`; use {fields_help}"
+                    )));
+                }
+            },
+            (key, other) => {
                 return Err(bad_request(format!(
-                    "unknown field `{key}`; use `to` and `replay_id`"
+                    "`{key}` is not a field here or has the wrong type ({other}); use {fields_help}"
                 )));
             }
         }
@@ -293,15 +317,26 @@ async fn replay_request(req: Request<Incoming>) -> Result<ReplayRequest, ApiErro
     Ok(request)
 }
 
-async fn replay(state: &AdminState, id: &str, req: Request<Incoming>) -> Answer {
-    let id = parse_id(id)?;
-    let request = replay_request(req).await?;
-    let letters = letters(state)?;
-    let reader = letters.clone();
-    let Some(letter) = blocking(move || reader.get(id)).await? else {
-        return Err(unknown(id));
+/// Where a replay goes: `FLOW` (from its first step) or `FLOW/STEP` (from that top-level
+/// step on, skipping the ones before it).
+struct Destination<'a> {
+    flow: &'a std::sync::Arc<sluice_engine::flow::Flow>,
+    flow_name: String,
+    step: Option<String>,
+}
+
+fn destination<'a>(
+    state: &'a AdminState,
+    to: Option<&str>,
+    failed_in: &str,
+) -> Result<Destination<'a>, ApiError> {
+    let (flow_name, step) = match to {
+        Some(to) => match to.split_once('/') {
+            Some((flow, step)) => (flow.to_owned(), Some(step.to_owned())),
+            None => (to.to_owned(), None),
+        },
+        None => (failed_in.to_owned(), None),
     };
-    let flow_name = request.to.unwrap_or_else(|| letter.letter.flow.clone());
     let Some(flow) = state.flows.get(&flow_name) else {
         let known: Vec<&String> = state.flows.keys().collect();
         return Err(ApiError::new(
@@ -313,8 +348,51 @@ async fn replay(state: &AdminState, id: &str, req: Request<Incoming>) -> Answer 
         )
         .with(json!({"flows": known})));
     };
+    if let Some(step) = &step {
+        let steps = flow.step_ids();
+        if !steps.contains(&step.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "flow `{flow_name}` has no top-level step `{step}`; its steps are {}",
+                    serde_json::to_string(&steps).unwrap_or_default()
+                ),
+            )
+            .with(json!({"steps": steps})));
+        }
+    }
+    Ok(Destination {
+        flow,
+        flow_name,
+        step,
+    })
+}
+
+async fn replay(state: &AdminState, id: &str, req: Request<Incoming>) -> Answer {
+    let id = parse_id(id)?;
+    let request = replay_request(req, false).await?;
+    let letters = letters(state)?;
+    let reader = letters.clone();
+    let Some(letter) = blocking(move || reader.get(id)).await? else {
+        return Err(unknown(id));
+    };
     let replay_id = request.replay_id.unwrap_or_else(|| id.to_string());
-    let summary = json!({"id": id, "flow": flow_name, "replay_id": replay_id});
+    replay_one(state, &letters, &letter, request.to.as_deref(), replay_id).await
+}
+
+/// Replays `letter` once for `replay_id`.
+async fn replay_one(
+    state: &AdminState,
+    letters: &DeadLetters,
+    letter: &sluice_store::DeadLetter,
+    to: Option<&str>,
+    replay_id: String,
+) -> Answer {
+    let id = letter.id;
+    // Checked before the replay id is spent, so a typo costs nothing.
+    let dest = destination(state, to, &letter.letter.flow)?;
+    let flow_name = &dest.flow_name;
+    let summary = json!({"id": id, "flow": flow_name, "step": dest.step, "replay_id": replay_id});
     match letters
         .mark_replayed(id, &replay_id)
         .await
@@ -332,8 +410,22 @@ async fn replay(state: &AdminState, id: &str, req: Request<Incoming>) -> Answer 
         }
         ReplayMark::NotFound => return Err(unknown(id)),
     }
-    tracing::info!(dead_letter_id = id, flow = %flow_name, replay_id = %replay_id, "replaying a dead letter");
-    match flow.dispatch(replay_message(&letter)).await {
+    tracing::info!(dead_letter_id = id, flow = %flow_name, step = ?dest.step, replay_id = %replay_id, "replaying a dead letter");
+    let message = replay_message(letter);
+    let outcome = match &dest.step {
+        None => dest.flow.dispatch(message).await,
+        Some(step) => match dest.flow.dispatch_from(step, message).await {
+            Ok(outcome) => outcome,
+            // Checked by `destination`; a flow's steps do not change while it runs.
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!("flow `{flow_name}` has no top-level step `{step}`"),
+                ));
+            }
+        },
+    };
+    match outcome {
         Ok(_) => {
             let mut body = summary;
             if let Value::Object(map) = &mut body {
@@ -359,4 +451,57 @@ async fn replay(state: &AdminState, id: &str, req: Request<Incoming>) -> Answer 
             })))
         }
     }
+}
+
+/// `POST /dlq/replay`: every letter matching the filter, oldest first, each under its own id
+/// as replay id (so running the same bulk replay again sends nothing twice). At most
+/// [`MAX_BULK`] letters per request; `next_after` continues when there are more.
+async fn replay_many(state: &AdminState, req: Request<Incoming>) -> Answer {
+    let request = replay_request(req, true).await?;
+    if !request.all && request.flow.is_none() && request.since.is_none() && request.error.is_none()
+    {
+        return Err(bad_request(
+            "say which letters to replay: `flow`, `since` or `error`, or `\"all\": true` for every letter",
+        ));
+    }
+    let filter = Filter {
+        flow: request.flow.clone(),
+        since_ms: match &request.since {
+            Some(since) => Some(parse_since(since, now_ms()).map_err(bad_request)?),
+            None => None,
+        },
+        error_contains: request.error.clone(),
+        after_id: request.after,
+        limit: MAX_BULK,
+    };
+    let letters = letters(state)?;
+    let reader = letters.clone();
+    let page = blocking(move || reader.list(&filter)).await?;
+    let next_after = (page.letters.len() >= MAX_BULK)
+        .then(|| page.letters.last().map(|l| l.id))
+        .flatten();
+    let (mut replayed, mut already, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    for letter in &page.letters {
+        let replay_id = letter.id.to_string();
+        match replay_one(state, &letters, letter, request.to.as_deref(), replay_id).await {
+            Ok(_) => replayed.push(letter.id),
+            Err(e) if e.status == StatusCode::CONFLICT => already.push(letter.id),
+            Err(e) => failed.push(json!({"id": letter.id, "error": e.message})),
+        }
+    }
+    tracing::info!(
+        replayed = replayed.len(),
+        already_replayed = already.len(),
+        failed = failed.len(),
+        "bulk replay of dead letters"
+    );
+    Ok((
+        StatusCode::OK,
+        json!({
+            "replayed": replayed,
+            "already_replayed": already,
+            "failed": failed,
+            "next_after": next_after,
+        }),
+    ))
 }

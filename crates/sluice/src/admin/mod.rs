@@ -27,7 +27,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use sluice_core::{Dispatch, Resources};
+use sluice_core::Resources;
+use sluice_engine::flow::Flow;
 use sluice_engine::metrics;
 use sluice_engine::runtime::{Health, HealthBoard, Runtime};
 use tokio::net::TcpListener;
@@ -48,7 +49,7 @@ pub struct AdminState {
 }
 
 /// The running flows by name.
-pub type FlowDirectory = BTreeMap<String, Arc<dyn Dispatch>>;
+pub type FlowDirectory = BTreeMap<String, Arc<Flow>>;
 
 impl AdminState {
     /// What the admin API needs of a running `runtime`.
@@ -56,7 +57,7 @@ impl AdminState {
         let flows = runtime
             .flows()
             .iter()
-            .map(|(name, flow)| (name.clone(), Arc::clone(flow) as Arc<dyn Dispatch>))
+            .map(|(name, flow)| (name.clone(), Arc::clone(flow)))
             .collect();
         AdminState {
             resources: Arc::clone(runtime.resources()),

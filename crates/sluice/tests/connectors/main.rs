@@ -15,3 +15,5 @@ mod conformance;
 mod amqp;
 mod http;
 mod mqtt;
+mod nats;
+mod redis;
