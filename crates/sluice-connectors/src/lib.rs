@@ -13,11 +13,15 @@ pub mod reconnect;
 #[cfg(any(
     feature = "http",
     feature = "file",
+    feature = "amqp",
+    feature = "mqtt",
     feature = "nats",
     feature = "redis"
 ))]
 pub mod template;
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "http")]
@@ -26,6 +30,8 @@ pub mod http;
 pub mod log;
 #[cfg(feature = "mysql")]
 pub mod mysql;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]
@@ -55,6 +61,16 @@ pub fn register_all(registry: &mut Registry) {
     }
     #[cfg(feature = "timer")]
     registry.source(timer::spec(), timer::build);
+    #[cfg(feature = "amqp")]
+    {
+        registry.source(amqp::source::spec(), amqp::source::build);
+        registry.sink(amqp::sink::spec(), amqp::sink::build);
+    }
+    #[cfg(feature = "mqtt")]
+    {
+        registry.source(mqtt::source::spec(), mqtt::source::build);
+        registry.sink(mqtt::sink::spec(), mqtt::sink::build);
+    }
     #[cfg(feature = "log")]
     {
         registry.sink(log::log_spec(), log::build_log);

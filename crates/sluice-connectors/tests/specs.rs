@@ -27,6 +27,16 @@ fn every_component_is_registered() {
         vec!["http"],
         vec!["file", "http", "log", "stdout"],
     );
+    #[cfg(feature = "amqp")]
+    {
+        sources.push("amqp");
+        sinks.push("amqp");
+    }
+    #[cfg(feature = "mqtt")]
+    {
+        sources.push("mqtt");
+        sinks.push("mqtt");
+    }
     #[cfg(feature = "nats")]
     {
         sources.extend(["jetstream", "nats"]);
@@ -146,6 +156,34 @@ fn serde_defaults_match_spec_defaults() {
     defaults_agree::<timer::TimerConfig>(ComponentKind::Source, "timer", json!({"interval": "1s"}));
     defaults_agree::<log::LogConfig>(ComponentKind::Sink, "log", json!({}));
     defaults_agree::<log::StdoutConfig>(ComponentKind::Sink, "stdout", json!({}));
+    #[cfg(feature = "amqp")]
+    {
+        use sluice_connectors::amqp;
+        defaults_agree::<amqp::source::AmqpSourceConfig>(
+            ComponentKind::Source,
+            "amqp",
+            json!({"url": "amqp://h", "queue": "q"}),
+        );
+        defaults_agree::<amqp::sink::AmqpSinkConfig>(
+            ComponentKind::Sink,
+            "amqp",
+            json!({"url": "amqp://h", "routing_key": "q"}),
+        );
+    }
+    #[cfg(feature = "mqtt")]
+    {
+        use sluice_connectors::mqtt;
+        defaults_agree::<mqtt::source::MqttSourceConfig>(
+            ComponentKind::Source,
+            "mqtt",
+            json!({"url": "mqtt://h", "topics": "t"}),
+        );
+        defaults_agree::<mqtt::sink::MqttSinkConfig>(
+            ComponentKind::Sink,
+            "mqtt",
+            json!({"url": "mqtt://h", "topic": "t"}),
+        );
+    }
 }
 
 #[test]
@@ -169,6 +207,32 @@ fn spec_fields_match_the_config_structs() {
     ];
     #[allow(unused_mut)]
     let mut samples = samples.to_vec();
+    #[cfg(feature = "amqp")]
+    samples.extend([
+        (
+            ComponentKind::Source,
+            "amqp",
+            json!({"url": "amqp://h", "queue": "q"}),
+        ),
+        (
+            ComponentKind::Sink,
+            "amqp",
+            json!({"url": "amqp://h", "routing_key": "q"}),
+        ),
+    ]);
+    #[cfg(feature = "mqtt")]
+    samples.extend([
+        (
+            ComponentKind::Source,
+            "mqtt",
+            json!({"url": "mqtt://h", "topics": "t"}),
+        ),
+        (
+            ComponentKind::Sink,
+            "mqtt",
+            json!({"url": "mqtt://h", "topic": "t"}),
+        ),
+    ]);
     #[cfg(feature = "nats")]
     samples.extend([
         (ComponentKind::Source, "nats", json!({"subject": "a"})),

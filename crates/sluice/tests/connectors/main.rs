@@ -12,7 +12,9 @@ mod support;
 
 mod conformance;
 
+mod amqp;
 mod http;
+mod mqtt;
 mod nats;
 mod postgres;
 mod redis;
