@@ -8,13 +8,15 @@ use sluice_core::Registry;
 
 pub mod config;
 pub mod reconnect;
-#[cfg(any(feature = "http", feature = "file"))]
+#[cfg(any(feature = "http", feature = "file", feature = "kafka"))]
 pub mod template;
 
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "log")]
 pub mod log;
 #[cfg(feature = "timer")]
@@ -42,6 +44,11 @@ pub fn register_all(registry: &mut Registry) {
     {
         registry.sink(log::log_spec(), log::build_log);
         registry.sink(log::stdout_spec(), log::build_stdout);
+    }
+    #[cfg(feature = "kafka")]
+    {
+        registry.source(kafka::source::spec(), kafka::source::build);
+        registry.sink(kafka::sink::spec(), kafka::sink::build);
     }
     // Keeps the parameter used when every connector feature is off.
     let _ = registry;
