@@ -106,7 +106,7 @@ where
                 let failures = backoff.failures();
                 let delay = backoff.next_delay();
                 let reason = format!("cannot reach {what}: {e}; retrying (backoff up to 1s)");
-                if failures % 10 == 0 {
+                if failures.is_multiple_of(10) {
                     tracing::warn!(service = what, error = %e, attempt = failures + 1, "connection failed; retrying");
                 } else {
                     tracing::debug!(service = what, error = %e, attempt = failures + 1, "connection failed; retrying");

@@ -17,8 +17,8 @@ use serde_json::Value;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    Body, BuildContext, BuildError, ErrorKind, Failure, Message, Outputs, ProcessError, Processor,
-    Sink,
+    Body, BuildContext, BuildError, ErrorKind, Failure, HealthHandle, Message, Outputs,
+    ProcessError, Processor, Sink,
 };
 use tokio::time::Instant;
 
@@ -124,7 +124,8 @@ hop-by-hop and framing headers and `http.*` headers are never forwarded. Connect
 per process.\n\n**Placeholders.** `{name}` in `url` is replaced by the message header `name`, \
 percent-encoded; in `headers` values it is inserted as is. A missing header fails the message \
 with `invalid_input` naming it.\n\n**Errors.** non-2xx is `remote`, no connection `unavailable`, \
-no answer within `timeout` is `timeout`."
+no answer within `timeout` is `timeout`. While the remote system cannot be reached, the flow shows \
+as `unhealthy` in the admin API's `/health`, naming the url; the next successful call clears it."
     );
     fields(
         ComponentSpec::new(
@@ -479,22 +480,36 @@ impl Processor for HttpProcessor {
 #[derive(Debug)]
 pub struct HttpSink {
     call: HttpCall,
+    /// Unhealthy while the remote system cannot be reached, so `/health` shows it.
+    health: HealthHandle,
 }
 
 /// Builds the `http` sink.
 pub fn build_sink(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
     Ok(Arc::new(HttpSink {
         call: HttpCall::new(config, ctx)?,
+        health: HealthHandle::for_component(ctx),
     }))
 }
 
 #[async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
-        self.call
-            .call(msg)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.in_step(&self.call.step))
+        match self.call.call(msg).await {
+            Ok(_) => {
+                self.health.healthy();
+                Ok(())
+            }
+            Err(e) => {
+                // Only an unreachable system makes the flow unhealthy; an error answer is the
+                // remote system speaking, and a timeout may be one slow request.
+                if e.kind == ErrorKind::Unavailable {
+                    self.health.unhealthy(&e.detail);
+                } else {
+                    self.health.healthy();
+                }
+                Err(e.in_step(&self.call.step))
+            }
+        }
     }
 }
