@@ -283,7 +283,11 @@ async fn unacknowledged_records_are_delivered_again_after_a_restart() {
     let (task, shutdown) = start(config.clone(), dispatch.clone(), &res);
     wait_for("5 records", 30, || dispatch.count() >= 5).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(committed(&group, &topic, 1)[&0], Some(2), "not past record 2");
+    assert_eq!(
+        committed(&group, &topic, 1)[&0],
+        Some(2),
+        "not past record 2"
+    );
     // Shutting down while record 2 is in flight: the runtime gives up on it.
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;

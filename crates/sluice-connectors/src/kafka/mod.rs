@@ -67,6 +67,10 @@ fn client_config(
     }
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", brokers);
+    // Sluice's reconnect policy (capped at one second, so a broker that comes back is used
+    // again within about a second); librdkafka's own default cap is ten seconds.
+    config.set("reconnect.backoff.ms", "100");
+    config.set("reconnect.backoff.max.ms", "1000");
     for (key, value) in properties {
         if reserved.contains(&key.as_str()) || key == "bootstrap.servers" {
             return Err(BuildError::field(

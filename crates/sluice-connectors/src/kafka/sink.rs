@@ -16,9 +16,7 @@ use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{
-    BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink,
-};
+use sluice_core::{BuildContext, BuildError, ErrorKind, HealthHandle, Message, ProcessError, Sink};
 use tokio::sync::OnceCell;
 
 use super::HEADER_PREFIX;

@@ -22,8 +22,8 @@ use serde_json::Value;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
 use sluice_core::{
-    AckToken, Admitted, BuildContext, BuildError, Dispatch, HealthHandle, Message, Outcome,
-    Source, SourceContext, SourceError,
+    AckToken, Admitted, BuildContext, BuildError, Dispatch, HealthHandle, Message, Outcome, Source,
+    SourceContext, SourceError,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio::task::JoinSet;
@@ -290,7 +290,8 @@ impl Assignment {
         let mut tpl = TopicPartitionList::new();
         for track in self.lock().values() {
             if let Some(next) = track.committable() {
-                let _ = tpl.add_partition_offset(&track.topic, track.partition, Offset::Offset(next));
+                let _ =
+                    tpl.add_partition_offset(&track.topic, track.partition, Offset::Offset(next));
             }
         }
         tpl
@@ -329,7 +330,8 @@ impl ConsumerContext for SourceClient {
             Rebalance::Revoke(tpl) => {
                 let mut owned = self.assignment.lock();
                 for elem in tpl.elements() {
-                    if let Some(track) = owned.remove(&(elem.topic().to_owned(), elem.partition())) {
+                    if let Some(track) = owned.remove(&(elem.topic().to_owned(), elem.partition()))
+                    {
                         track.revoke();
                     }
                 }
@@ -348,7 +350,9 @@ impl ConsumerContext for SourceClient {
             for elem in tpl.elements() {
                 owned
                     .entry((elem.topic().to_owned(), elem.partition()))
-                    .or_insert_with(|| Arc::new(PartitionTrack::new(elem.topic(), elem.partition())));
+                    .or_insert_with(|| {
+                        Arc::new(PartitionTrack::new(elem.topic(), elem.partition()))
+                    });
             }
             tracing::info!(flow = %self.flow, partitions = tpl.count(), "kafka partitions assigned");
         }
@@ -370,11 +374,10 @@ impl Source for KafkaSource {
             brokers: self.brokers.clone(),
             flow: Arc::clone(&ctx.flow),
         };
-        let consumer: Arc<Consumer_> = Arc::new(
-            self.config
-                .create_with_context(client)
-                .map_err(|e| SourceError::Other(format!("cannot create the kafka consumer: {e}")))?,
-        );
+        let consumer: Arc<Consumer_> =
+            Arc::new(self.config.create_with_context(client).map_err(|e| {
+                SourceError::Other(format!("cannot create the kafka consumer: {e}"))
+            })?);
 
         // An unreachable cluster at startup is retried (the flow shows unhealthy), not fatal.
         let what = format!("Kafka at {}", self.brokers);
@@ -507,7 +510,11 @@ impl Work {
             if let Some(next) = self.track.ack(self.offset) {
                 let mut tpl = TopicPartitionList::new();
                 if tpl
-                    .add_partition_offset(&self.track.topic, self.track.partition, Offset::Offset(next))
+                    .add_partition_offset(
+                        &self.track.topic,
+                        self.track.partition,
+                        Offset::Offset(next),
+                    )
                     .is_ok()
                 {
                     if let Err(error) = self.consumer.store_offsets(&tpl) {
@@ -638,7 +645,8 @@ fn to_message(record: &BorrowedMessage<'_>, flow: &Arc<str>) -> Message {
         .insert(PARTITION_HEADER.to_owned(), record.partition().to_string());
     msg.headers
         .insert(OFFSET_HEADER.to_owned(), record.offset().to_string());
-    msg.headers.insert(DELIVERY_COUNT_HEADER.to_owned(), "1".to_owned());
+    msg.headers
+        .insert(DELIVERY_COUNT_HEADER.to_owned(), "1".to_owned());
     match record.key() {
         Some(key) => {
             msg.headers.insert(
@@ -656,7 +664,8 @@ fn to_message(record: &BorrowedMessage<'_>, flow: &Arc<str>) -> Message {
         Timestamp::NotAvailable => (None, ""),
     };
     if let Some(ms) = millis {
-        msg.headers.insert(TIMESTAMP_HEADER.to_owned(), ms.to_string());
+        msg.headers
+            .insert(TIMESTAMP_HEADER.to_owned(), ms.to_string());
         msg.headers
             .insert(TIMESTAMP_TYPE_HEADER.to_owned(), kind.to_owned());
     }

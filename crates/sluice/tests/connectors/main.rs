@@ -13,3 +13,4 @@ mod support;
 mod conformance;
 
 mod http;
+mod kafka;
