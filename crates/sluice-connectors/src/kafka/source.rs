@@ -132,7 +132,7 @@ pub enum Start {
 /// Processing order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Ordering_ {
+pub enum RecordOrder {
     /// One record of a partition at a time.
     Partition,
     /// Concurrent.
@@ -154,7 +154,7 @@ pub struct KafkaSourceConfig {
     pub start: Start,
     /// Processing order.
     #[serde(default = "default_ordering")]
-    pub ordering: Ordering_,
+    pub ordering: RecordOrder,
     /// Records in flight.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
@@ -175,8 +175,8 @@ pub struct KafkaSourceConfig {
 fn default_start() -> Start {
     Start::Earliest
 }
-fn default_ordering() -> Ordering_ {
-    Ordering_::Partition
+fn default_ordering() -> RecordOrder {
+    RecordOrder::Partition
 }
 fn default_max_in_flight() -> usize {
     256
@@ -205,7 +205,7 @@ pub struct KafkaSource {
     config: rdkafka::ClientConfig,
     brokers: String,
     topics: Vec<String>,
-    ordering: Ordering_,
+    ordering: RecordOrder,
     max_in_flight: usize,
     redelivery: (Duration, Duration),
 }
@@ -447,7 +447,7 @@ impl Source for KafkaSource {
                 _permit: permit,
             };
             match self.ordering {
-                Ordering_::Partition => {
+                RecordOrder::Partition => {
                     let dispatcher = Arc::clone(&ctx.dispatcher);
                     let retry = retry.clone();
                     in_flight.spawn(async move {
@@ -459,7 +459,7 @@ impl Source for KafkaSource {
                         work.finish(acked);
                     });
                 }
-                Ordering_::None => {
+                RecordOrder::None => {
                     // Admitted here, in arrival order, so the flow's `ordered_by` keeps per-key order.
                     let (token, outcome) = AckToken::channel();
                     let first = Arc::clone(&ctx.dispatcher)
@@ -506,22 +506,18 @@ impl Work {
     /// Stores the new committable offset when `acked` moved it, then gives the partition's next
     /// record its turn.
     fn finish(self, acked: bool) {
-        if acked {
-            if let Some(next) = self.track.ack(self.offset) {
-                let mut tpl = TopicPartitionList::new();
-                if tpl
-                    .add_partition_offset(
-                        &self.track.topic,
-                        self.track.partition,
-                        Offset::Offset(next),
-                    )
-                    .is_ok()
-                {
-                    if let Err(error) = self.consumer.store_offsets(&tpl) {
-                        // Revoked meanwhile: its new owner starts from the last commit.
-                        tracing::debug!(topic = %self.track.topic, partition = self.track.partition, %error, "cannot store the kafka offset");
-                    }
-                }
+        if acked && let Some(next) = self.track.ack(self.offset) {
+            let mut tpl = TopicPartitionList::new();
+            let stored = tpl
+                .add_partition_offset(
+                    &self.track.topic,
+                    self.track.partition,
+                    Offset::Offset(next),
+                )
+                .and_then(|()| self.consumer.store_offsets(&tpl));
+            if let Err(error) = stored {
+                // Revoked meanwhile: its new owner starts from the last commit.
+                tracing::debug!(topic = %self.track.topic, partition = self.track.partition, %error, "cannot store the kafka offset");
             }
         }
         let _ = self.done.send(());
@@ -678,17 +674,17 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn parse(v: Value) -> Result<KafkaSourceConfig, BuildError> {
-        crate::config::parse(&v)
+    fn parse(v: &Value) -> Result<KafkaSourceConfig, BuildError> {
+        crate::config::parse(v)
     }
 
     #[test]
     fn defaults_and_unknown_fields() {
-        let c = parse(json!({"brokers": "h:9092", "group_id": "g", "topics": ["t"]})).unwrap();
+        let c = parse(&json!({"brokers": "h:9092", "group_id": "g", "topics": ["t"]})).unwrap();
         assert_eq!(c.start, Start::Earliest);
-        assert_eq!(c.ordering, Ordering_::Partition);
+        assert_eq!(c.ordering, RecordOrder::Partition);
         assert_eq!(c.max_in_flight, 256);
-        let err = parse(json!({"brokers": "h", "group_id": "g", "topics": ["t"], "topic": "x"}))
+        let err = parse(&json!({"brokers": "h", "group_id": "g", "topics": ["t"], "topic": "x"}))
             .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("topic"));
     }
