@@ -328,17 +328,27 @@ async fn a_second_member_takes_over_partitions_without_losing_records() {
     wait_for("first member reads", 30, || a.count() >= 30).await;
     let b = TestDispatch::echo();
     let (task_b, stop_b) = start(config, b.clone(), &res);
-    // Let the group rebalance, then produce more: the two members share them.
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    produce(&topic, 30..60).await;
+    // Keep producing (one record per key, so per partition) until the rebalance gave the second
+    // member partitions; tansu completes it within a few seconds.
+    let mut produced = 30;
+    for _ in 0..80 {
+        if b.count() > 0 {
+            break;
+        }
+        produce(&topic, produced..produced + 3).await;
+        produced += 3;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(b.count() > 0, "the second member got no partition");
+    produce(&topic, produced..produced + 30).await;
+    produced += 30;
     wait_for("every record", 60, || {
         let mut all: Vec<usize> = a.seen().iter().chain(b.seen().iter()).map(seq).collect();
         all.sort_unstable();
         all.dedup();
-        all.len() == 60
+        all.len() == produced
     })
     .await;
-    assert!(b.count() > 0, "the second member got no partition");
     stop_a.cancel();
     stop_b.cancel();
     task_a.await.unwrap().unwrap();
