@@ -8,7 +8,12 @@ use sluice_core::Registry;
 
 pub mod config;
 pub mod reconnect;
-#[cfg(any(feature = "http", feature = "file", feature = "kafka"))]
+#[cfg(any(
+    feature = "http",
+    feature = "file",
+    feature = "kafka",
+    feature = "sftp"
+))]
 pub mod template;
 
 #[cfg(feature = "file")]
@@ -19,6 +24,8 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "log")]
 pub mod log;
+#[cfg(feature = "sftp")]
+pub mod sftp;
 #[cfg(feature = "timer")]
 pub mod timer;
 
@@ -49,6 +56,11 @@ pub fn register_all(registry: &mut Registry) {
     {
         registry.source(kafka::source::spec(), kafka::source::build);
         registry.sink(kafka::sink::spec(), kafka::sink::build);
+    }
+    #[cfg(feature = "sftp")]
+    {
+        registry.source(sftp::source::spec(), sftp::source::build);
+        registry.sink(sftp::sink::spec(), sftp::sink::build);
     }
     // Keeps the parameter used when every connector feature is off.
     let _ = registry;
