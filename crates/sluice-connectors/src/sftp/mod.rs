@@ -74,7 +74,10 @@ enum HostCheck {
 /// How the client proves who it is.
 #[derive(Clone)]
 enum Auth {
-    Key(Arc<russh::keys::PrivateKey>),
+    KeyFile {
+        path: PathBuf,
+        passphrase: Option<String>,
+    },
     Password(String),
 }
 
@@ -110,16 +113,12 @@ impl Connection {
                     "cannot be combined with `private_key_file`; keep one way to log in",
                 ));
             }
-            (Some(path), None) => {
-                let key =
-                    russh::keys::load_secret_key(path, c.passphrase.as_deref()).map_err(|e| {
-                        BuildError::field(
-                            "private_key_file",
-                            format!("cannot load `{}`: {e}", path.display()),
-                        )
-                    })?;
-                Auth::Key(Arc::new(key))
-            }
+            // Read at connection time, like any other resource on the server side: a flow file
+            // validates on a machine without the key.
+            (Some(path), None) => Auth::KeyFile {
+                path: path.clone(),
+                passphrase: c.passphrase.clone(),
+            },
             (None, Some(password)) => Auth::Password(password.clone()),
             (None, None) => {
                 return Err(BuildError::field(
@@ -175,7 +174,9 @@ impl Connection {
                 other => other.to_string(),
             })?;
         let result = match &self.auth {
-            Auth::Key(key) => {
+            Auth::KeyFile { path, passphrase } => {
+                let key = russh::keys::load_secret_key(path, passphrase.as_deref())
+                    .map_err(|e| format!("cannot load the key `{}`: {e}", path.display()))?;
                 let hash = handle
                     .best_supported_rsa_hash()
                     .await
@@ -184,7 +185,7 @@ impl Connection {
                 handle
                     .authenticate_publickey(
                         self.user.clone(),
-                        PrivateKeyWithHashAlg::new(Arc::clone(key), hash),
+                        PrivateKeyWithHashAlg::new(Arc::new(key), hash),
                     )
                     .await
             }
