@@ -16,7 +16,9 @@ pub mod reconnect;
     feature = "amqp",
     feature = "mqtt",
     feature = "nats",
-    feature = "redis"
+    feature = "redis",
+    feature = "kafka",
+    feature = "sftp"
 ))]
 pub mod template;
 
@@ -26,18 +28,22 @@ pub mod amqp;
 pub mod file;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "log")]
 pub mod log;
-#[cfg(feature = "mysql")]
-pub mod mysql;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
+#[cfg(feature = "mysql")]
+pub mod mysql;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "sftp")]
+pub mod sftp;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub mod sql;
 #[cfg(feature = "timer")]
@@ -109,6 +115,16 @@ pub fn register_all(registry: &mut Registry) {
         registry.sink(redis::pubsub::sink_spec(), redis::pubsub::build_sink);
         registry.processor(redis::command::spec(), redis::command::build);
         registry.store_backend("redis", redis::store::backend());
+    }
+    #[cfg(feature = "kafka")]
+    {
+        registry.source(kafka::source::spec(), kafka::source::build);
+        registry.sink(kafka::sink::spec(), kafka::sink::build);
+    }
+    #[cfg(feature = "sftp")]
+    {
+        registry.source(sftp::source::spec(), sftp::source::build);
+        registry.sink(sftp::sink::spec(), sftp::sink::build);
     }
     // Keeps the parameter used when every connector feature is off.
     let _ = registry;

@@ -14,6 +14,7 @@ mod conformance;
 
 mod amqp;
 mod http;
+mod kafka;
 mod mqtt;
 mod nats;
 mod postgres;
