@@ -11,6 +11,7 @@
 mod support;
 
 mod conformance;
+mod e2e;
 
 mod amqp;
 mod http;
