@@ -21,7 +21,7 @@ fi
 
 cargo test --workspace --locked
 # The benchmark flows must stay valid too (their listen port and output path come from the env).
-SLUICE_BENCH_PORT=18080 SLUICE_BENCH_OUT=bench-out.jsonl cargo run --quiet --locked -p sluice -- validate bench/flows/
+SLUICE_BENCH_PORT=18080 SLUICE_BENCH_OUT=bench-out.jsonl SLUICE_BENCH_QUEUE=q SLUICE_BENCH_TABLE=t cargo run --quiet --locked -p sluice -- validate bench/flows/
 for dir in examples examples/eip examples/connectors; do
   cargo run --quiet --locked -p sluice -- validate "$dir/"
   cargo run --quiet --locked -p sluice -- test "$dir/"
