@@ -21,6 +21,8 @@ pub mod reconnect;
     feature = "sftp"
 ))]
 pub mod template;
+#[cfg(test)]
+mod test_context;
 
 #[cfg(feature = "amqp")]
 pub mod amqp;

@@ -506,39 +506,7 @@ mod tests {
 
     #[allow(clippy::needless_pass_by_value)] // test helper: callers pass json!() inline
     fn try_build(config: Value) -> Result<Arc<dyn Sink>, BuildError> {
-        let resources = Arc::new(sluice_core::Resources::default());
-        struct NoSteps;
-        impl sluice_core::StepBuilder for NoSteps {
-            fn build_steps(
-                &self,
-                f: &str,
-                _: &Value,
-            ) -> Result<Arc<dyn sluice_core::Processor>, BuildError> {
-                Err(BuildError::field(f, "none"))
-            }
-            fn compile_jq(
-                &self,
-                f: &str,
-                _: &str,
-            ) -> Result<Arc<dyn sluice_core::component::JqProgram>, BuildError> {
-                Err(BuildError::field(f, "none"))
-            }
-        }
-        struct Nothing;
-        #[async_trait]
-        impl sluice_core::Dispatch for Nothing {
-            async fn dispatch(&self, m: Message) -> Result<Vec<Message>, sluice_core::Failure> {
-                Ok(vec![m])
-            }
-        }
-        let ctx = BuildContext {
-            flow: "f",
-            id: "to",
-            steps: &NoSteps,
-            resources: &resources,
-            downstream: Arc::new(Nothing),
-        };
-        build(&config, &ctx)
+        crate::test_context::with_context("to", |ctx| build(&config, ctx))
     }
 
     fn err(config: Value) -> BuildError {
