@@ -184,35 +184,44 @@ impl Sink for SftpSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
         let name = render_name(&self.name, msg)?;
         let mut slot = self.session.lock().await;
-        if slot.is_none() {
-            match self.connection.open().await {
-                Ok(session) => {
-                    self.health.healthy();
-                    *slot = Some(session);
-                }
-                Err(e) => {
-                    let detail = format!(
-                        "cannot reach SFTP server {}: {e}",
-                        self.connection.address()
-                    );
-                    self.health
-                        .unhealthy(format!("{detail}; retrying on the next message"));
-                    return Err(ProcessError::new(ErrorKind::Unavailable, detail));
+        // A session kept from earlier may have died with the server (a restart, a cut
+        // connection) without us noticing: its failure earns one more try on a fresh session.
+        let mut reused = slot.is_some();
+        loop {
+            if slot.is_none() {
+                match self.connection.open().await {
+                    Ok(session) => {
+                        self.health.healthy();
+                        *slot = Some(session);
+                    }
+                    Err(e) => {
+                        let detail = format!(
+                            "cannot reach SFTP server {}: {e}",
+                            self.connection.address()
+                        );
+                        self.health
+                            .unhealthy(format!("{detail}; retrying on the next message"));
+                        return Err(ProcessError::new(ErrorKind::Unavailable, detail));
+                    }
                 }
             }
-        }
-        let Some(session) = slot.as_ref() else {
-            return Err(ProcessError::new(ErrorKind::Internal, "no SFTP session"));
-        };
-        match self.upload(session, &name, msg.body.as_bytes()).await {
-            Ok(()) => Ok(()),
-            Err(detail) => {
-                // The session may be broken: open a fresh one for the next message.
-                *slot = None;
-                Err(ProcessError::new(
-                    ErrorKind::Unavailable,
-                    format!("SFTP server {}: {detail}", self.connection.address()),
-                ))
+            let Some(session) = slot.as_ref() else {
+                return Err(ProcessError::new(ErrorKind::Internal, "no SFTP session"));
+            };
+            match self.upload(session, &name, msg.body.as_bytes()).await {
+                Ok(()) => return Ok(()),
+                Err(detail) => {
+                    // The session may be broken: open a fresh one next time.
+                    *slot = None;
+                    if reused {
+                        reused = false;
+                        continue;
+                    }
+                    return Err(ProcessError::new(
+                        ErrorKind::Unavailable,
+                        format!("SFTP server {}: {detail}", self.connection.address()),
+                    ));
+                }
             }
         }
     }

@@ -20,3 +20,4 @@ mod mqtt;
 mod nats;
 mod postgres;
 mod redis;
+mod sftp;
