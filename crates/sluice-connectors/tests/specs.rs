@@ -56,6 +56,16 @@ fn every_component_is_registered() {
         processors.push("sql");
         sinks.push("sql");
     }
+    #[cfg(feature = "kafka")]
+    {
+        sources.push("kafka");
+        sinks.push("kafka");
+    }
+    #[cfg(feature = "sftp")]
+    {
+        sources.push("sftp");
+        sinks.push("sftp");
+    }
     for names in [&mut sources, &mut processors, &mut sinks] {
         names.sort_unstable();
     }
