@@ -520,9 +520,10 @@ async fn receive_all(
     let mut seen = BTreeSet::new();
     while !want.clone().all(|n| seen.contains(&n)) && Instant::now() < deadline {
         if c.capabilities().sink {
-            let got = c
-                .consume(output, want.len(), Duration::from_millis(500))
-                .await;
+            // The whole remaining time each call: some clients take seconds to join (Kafka).
+            let missing = want.clone().filter(|n| !seen.contains(n)).count();
+            let left = deadline.saturating_duration_since(Instant::now());
+            let got = c.consume(output, missing, left).await;
             seen.extend(got.iter().filter_map(Msg::n));
         } else {
             seen.extend(recording.read().iter().filter_map(Msg::n));
