@@ -91,9 +91,10 @@ def main():
     (out / "amqp-pg.json").write_text(json.dumps(
         {"count": args.count, "rounds": args.rounds, "runs": results, "median_rate": med,
          "ratio_sluice_to_limit": ratio}, indent=2))
+    def runs(c):
+        return ", ".join("%.0f" % x["rate"] for x in results[c])
     table = ("| contender | median rows/s | runs |\n|---|---|---|\n" +
-             "".join(f"| {c} | {med[c]:.0f} | {', '.join(f'{x['rate']:.0f}' for x in results[c])} |\n"
-                     for c in ("limit", "sluice")) +
+             "".join(f"| {c} | {med[c]:.0f} | {runs(c)} |\n" for c in ("limit", "sluice")) +
              f"\nSluice / limit: **{ratio:.2f}x** ({args.count} messages of ~1 KiB per run, "
              f"{args.rounds} rounds, alternated)\n")
     (out / "amqp-pg.md").write_text(table)
