@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::component::{BuildContext, SourceContext};
@@ -54,11 +55,15 @@ impl fmt::Debug for ComponentHealth {
     }
 }
 
-/// One component's voice on the [`ComponentHealth`] board. Cheap to clone.
+/// One component's voice on the [`ComponentHealth`] board. Cheap to clone; make one per component
+/// and clone it, since the clones share what was last reported.
 #[derive(Clone)]
 pub struct HealthHandle {
     board: Arc<ComponentHealth>,
     key: ComponentKey,
+    /// Whether this component has a problem on the board: `healthy` is called on every
+    /// successful delivery, and only takes the board's lock when there is something to clear.
+    reported: Arc<AtomicBool>,
 }
 
 impl HealthHandle {
@@ -67,6 +72,7 @@ impl HealthHandle {
         HealthHandle {
             board: ComponentHealth::of(resources),
             key: (Arc::from(flow), Arc::from(component)),
+            reported: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -82,19 +88,25 @@ impl HealthHandle {
 
     /// The component works (again): its problem, if any, is cleared.
     pub fn healthy(&self) {
-        self.board.lock().remove(&self.key);
+        if self.reported.load(Ordering::Acquire) {
+            // Under the lock, so a concurrent `unhealthy` is either wholly before or after.
+            let mut board = self.board.lock();
+            if self.reported.swap(false, Ordering::AcqRel) {
+                board.remove(&self.key);
+            }
+        }
     }
 
     /// The component cannot do its job now, for `reason` (say what it is retrying, and how).
     pub fn unhealthy(&self, reason: impl fmt::Display) {
-        self.board
-            .lock()
-            .insert(self.key.clone(), reason.to_string());
+        let mut board = self.board.lock();
+        board.insert(self.key.clone(), reason.to_string());
+        self.reported.store(true, Ordering::Release);
     }
 
-    /// Whether this component has a problem on the board.
+    /// Whether this component has no problem on the board.
     pub fn is_healthy(&self) -> bool {
-        !self.board.lock().contains_key(&self.key)
+        !self.reported.load(Ordering::Acquire)
     }
 }
 
