@@ -47,7 +47,7 @@ async fn orders_flow_from_http_through_rabbitmq_into_postgres_and_out_on_nats() 
         .replace("exchange: shop,", &format!("exchange: {exchange},"));
     assert_eq!(
         yaml.matches(&exchange).count(),
-        4,
+        5,
         "the example's exchange moved:\n{yaml}"
     );
 
