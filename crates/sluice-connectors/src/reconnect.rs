@@ -44,6 +44,11 @@ impl Backoff {
         }
     }
 
+    /// The longest wait between attempts.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// How many attempts failed since the last [`Backoff::reset`].
     pub fn failures(&self) -> u32 {
         self.failures
@@ -105,7 +110,10 @@ where
             Err(e) => {
                 let failures = backoff.failures();
                 let delay = backoff.next_delay();
-                let reason = format!("cannot reach {what}: {e}; retrying (backoff up to 1s)");
+                let reason = format!(
+                    "cannot reach {what}: {e}; retrying (backoff up to {})",
+                    sluice_core::duration::HumanDuration(backoff.max())
+                );
                 if failures.is_multiple_of(10) {
                     tracing::warn!(service = what, error = %e, attempt = failures + 1, "connection failed; retrying");
                 } else {

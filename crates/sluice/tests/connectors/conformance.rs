@@ -291,7 +291,7 @@ pub async fn restart_loses_nothing(c: &dyn Connector) {
         recording.wait_for(MESSAGES / 4, PATIENCE, &runtime);
         runtime.kill();
         let mut runtime = runtime.restart();
-        let got = recording.wait_for_all(MESSAGES, PATIENCE, &runtime);
+        let got = recording.wait_for_all(MESSAGES, PATIENCE);
         assert_eq!(
             got.len(),
             MESSAGES,
@@ -651,34 +651,18 @@ fn http_source(port: u16) -> String {
 
 /// POSTs `m` (its body, and its headers as request headers) and reads the reply.
 async fn post(port: u16, m: &Msg) -> support::Reply {
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let mut req = hyper::Request::post(format!("http://127.0.0.1:{port}/in"))
-        .header("content-type", "application/json");
-    for (k, v) in &m.headers {
-        req = req.header(k, v);
-    }
-    let req = req
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            m.body.to_string(),
-        )))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
-        .await
-        .expect("request timed out")
-        .expect("request failed");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = http_body_util::BodyExt::collect(resp.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    support::Reply {
-        status,
-        headers,
-        body,
-    }
+    let headers: Vec<(&str, &str)> = m
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    support::request_with_headers(
+        "POST",
+        &format!("http://127.0.0.1:{port}/in"),
+        &headers,
+        m.body.to_string(),
+    )
+    .await
 }
 
 /// The status of one POST, or `None` if the connection failed (a killed runtime).
@@ -860,7 +844,7 @@ impl Recording {
     }
 
     /// Waits until the numbers `0..n` are all recorded (duplicates allowed); returns the set.
-    pub fn wait_for_all(&self, n: usize, patience: Duration, _runtime: &Sluice) -> BTreeSet<usize> {
+    pub fn wait_for_all(&self, n: usize, patience: Duration) -> BTreeSet<usize> {
         let deadline = Instant::now() + patience;
         loop {
             let got: BTreeSet<usize> = self.read().iter().filter_map(Msg::n).collect();

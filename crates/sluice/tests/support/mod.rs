@@ -116,13 +116,28 @@ pub async fn request_as(
     content_type: &str,
     body: impl Into<Bytes>,
 ) -> Reply {
+    request_with_headers(method, url, &[("content-type", content_type)], body).await
+}
+
+/// Sends one request with these headers (JSON content type unless they set one).
+pub async fn request_with_headers(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(url)
-        .header("content-type", content_type)
-        .body(Full::new(body.into()))
-        .unwrap();
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
         .await
         .expect("request timed out")
