@@ -309,11 +309,19 @@ async fn concurrent_appends_never_interleave() {
     let res = Arc::new(Resources::default());
     let sink = build_sink("file", json!({"path": path}), &res).unwrap();
     let mut tasks = Vec::new();
-    for i in 0..20 {
+    for i in 0..200 {
         let sink = Arc::clone(&sink);
+        let path = path.clone();
         tasks.push(tokio::spawn(async move {
             let line = format!("{i}-").repeat(500);
-            sink.deliver(&Message::bytes(line)).await.unwrap();
+            sink.deliver(&Message::bytes(line.clone())).await.unwrap();
+            // Records of concurrent deliveries are written together, but none returns before
+            // the write holding its record returned.
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                text.lines().any(|l| l == line),
+                "record {i} missing on return"
+            );
         }));
     }
     for t in tasks {
@@ -321,7 +329,7 @@ async fn concurrent_appends_never_interleave() {
     }
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 20);
+    assert_eq!(lines.len(), 200);
     for line in lines {
         let first = line.split('-').next().unwrap();
         assert_eq!(line, format!("{first}-").repeat(500));
@@ -388,6 +396,15 @@ async fn write_failures_are_io_errors_naming_the_path() {
     let err = sink.deliver(&Message::bytes(&b"x"[..])).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::Io);
     assert!(err.detail.contains("plain-file"), "{}", err.detail);
+    // Once the obstacle is gone the same sink writes again: the failed open is not kept.
+    std::fs::remove_file(&blocker).unwrap();
+    sink.deliver(&Message::bytes(&b"after"[..])).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(blocker.join("sub/out.txt")).unwrap(),
+        "after\n"
+    );
+    std::fs::remove_dir_all(&blocker).unwrap();
+    std::fs::write(&blocker, "x").unwrap();
     let sink = build_sink(
         "file",
         json!({"path": blocker, "mode": "per_message"}),

@@ -457,28 +457,45 @@ async fn sink_throughput_qos1() {
     let resources = Arc::new(Resources::default());
     let sink = build_sink("mqtt", json!({"url": URL, "topic": topic}), &resources).unwrap();
     sink.deliver(&Message::bytes("warm-up")).await.unwrap();
-    let total = 4000usize;
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for worker in 0..64 {
-        let sink = Arc::clone(&sink);
-        tasks.spawn(async move {
-            for _ in (worker..total).step_by(64) {
-                sink.deliver(&Message::bytes(vec![b'x'; 200]))
-                    .await
-                    .unwrap();
-            }
-        });
+    assert_eq!(receive(&mut rx, 1).await.len(), 1);
+    // Rounds of 500 with the subscriber drained between them: Mosquitto drops messages queued
+    // for a slow subscriber beyond `max_queued_messages` (1000 by default), which on a busy
+    // machine would fail the test for the broker's policy, not the sink's.
+    let (rounds, per_round, workers) = (8usize, 500usize, 64usize);
+    let mut sending = Duration::ZERO;
+    for round in 0..rounds {
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for worker in 0..workers {
+            let sink = Arc::clone(&sink);
+            tasks.spawn(async move {
+                for i in (worker..per_round).step_by(workers) {
+                    let body = format!("{round}-{i}");
+                    sink.deliver(&Message::bytes(body)).await.unwrap();
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        sending += started.elapsed();
+        // Every acknowledged message of the round reached the subscriber, once.
+        let got = receive(&mut rx, per_round).await;
+        let distinct: std::collections::HashSet<_> =
+            got.iter().map(|p| p.payload.clone()).collect();
+        assert_eq!(
+            distinct.len(),
+            per_round,
+            "round {round}: duplicates among {got:?}"
+        );
+        assert!(
+            got.iter()
+                .all(|p| p.payload.starts_with(format!("{round}-").as_bytes()))
+        );
     }
-    while let Some(r) = tasks.join_next().await {
-        r.unwrap();
-    }
-    let elapsed = started.elapsed();
+    let total = rounds * per_round;
     eprintln!(
-        "mqtt sink: {total} QoS 1 messages, 64 concurrent: {elapsed:?} ({:.0} msg/s)",
-        total as f64 / elapsed.as_secs_f64()
+        "mqtt sink: {total} QoS 1 messages, {workers} concurrent: {sending:?} sending ({:.0} msg/s)",
+        total as f64 / sending.as_secs_f64()
     );
-    assert!(elapsed < Duration::from_secs(20));
-    // Every acknowledged message reached the subscriber.
-    assert_eq!(receive(&mut rx, total + 1).await.len(), total + 1);
 }

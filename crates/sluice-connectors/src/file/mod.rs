@@ -2,6 +2,7 @@
 //! on a crash) and the `file` sink (append to one file, or one file per message written
 //! atomically).
 
+mod appender;
 pub mod sink;
 pub mod source;
 

@@ -1,24 +1,26 @@
 //! The `file` sink: appends messages to one file, or writes one file per message atomically.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
-use sluice_core::{BuildContext, BuildError, ErrorKind, Message, ProcessError, Sink};
+use sluice_core::{BuildContext, BuildError, Message, ProcessError, Sink};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
 
+use super::appender::{Appender, io_error};
 use crate::template::Template;
 
 const DESCRIPTION: &str = "\
 Writes message bodies to local files.
 
 **append** (default): `path` is a file; each message's body followed by `separator` is appended \
-in a single write through one shared handle, so messages never interleave. Parent directories \
-are created.
+whole, so messages never interleave. One writer thread owns the file and writes the records of \
+concurrent deliveries together (up to 256 records or 1 MiB per write, one fsync per write with \
+`fsync: true`); each delivery returns once the write holding its record returned. Parent \
+directories are created.
 
 **per_message**: `path` is a directory; each message becomes one file named by `name`, with the \
 placeholders `{id}` (message id), `{timestamp}` (RFC 3339 UTC with `:` replaced by `-`) and \
@@ -154,14 +156,8 @@ pub struct FileSink {
 
 #[derive(Debug)]
 enum Kind {
-    Append {
-        separator: Vec<u8>,
-        /// Opened on first use, dropped after an error so the next message reopens it.
-        file: Mutex<Option<tokio::fs::File>>,
-    },
-    PerMessage {
-        name: Template,
-    },
+    Append(Appender),
+    PerMessage { name: Template },
 }
 
 /// Builds a `file` sink.
@@ -181,10 +177,11 @@ pub fn build(config: &Value, _ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, B
                     "only applies to `mode: per_message`; remove it or switch the mode",
                 ));
             }
-            Kind::Append {
-                separator: c.separator.into_bytes(),
-                file: Mutex::new(None),
-            }
+            Kind::Append(Appender::new(
+                c.path.clone(),
+                c.separator.into_bytes(),
+                c.fsync,
+            ))
         }
         Mode::PerMessage => {
             let text = c.name.unwrap_or_else(|| "{id}.json".to_owned());
@@ -216,73 +213,17 @@ pub fn build(config: &Value, _ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, B
     }))
 }
 
-fn io_error(path: &Path, what: &str, e: &std::io::Error) -> ProcessError {
-    ProcessError::new(
-        ErrorKind::Io,
-        format!("{what} `{}` failed: {e}", path.display()),
-    )
-}
-
 #[async_trait]
 impl Sink for FileSink {
     async fn deliver(&self, msg: &Message) -> Result<(), ProcessError> {
         match &self.kind {
-            Kind::Append { separator, file } => self.append(msg, separator, file).await,
+            Kind::Append(appender) => appender.append(payload(self.content, msg)).await,
             Kind::PerMessage { name } => self.write_one(msg, name).await,
         }
     }
 }
 
 impl FileSink {
-    async fn append(
-        &self,
-        msg: &Message,
-        separator: &[u8],
-        slot: &Mutex<Option<tokio::fs::File>>,
-    ) -> Result<(), ProcessError> {
-        let payload = payload(self.content, msg);
-        let mut record = Vec::with_capacity(payload.len() + separator.len());
-        record.extend_from_slice(&payload);
-        record.extend_from_slice(separator);
-        let mut guard = slot.lock().await;
-        if guard.is_none() {
-            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .map_err(|e| io_error(parent, "creating directory", &e))?;
-            }
-            let file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .await
-                .map_err(|e| io_error(&self.path, "opening", &e))?;
-            *guard = Some(file);
-        }
-        let Some(file) = guard.as_mut() else {
-            return Err(ProcessError::new(
-                ErrorKind::Internal,
-                "append handle missing after open",
-            ));
-        };
-        let result = async {
-            file.write_all(&record).await?;
-            // tokio files write on a blocking thread; flush waits for that write to finish.
-            file.flush().await?;
-            if self.fsync {
-                file.sync_data().await?;
-            }
-            Ok::<_, std::io::Error>(())
-        }
-        .await;
-        if let Err(e) = result {
-            // The handle may be in an unknown state (a partial write); reopen next time.
-            *guard = None;
-            return Err(io_error(&self.path, "appending to", &e));
-        }
-        Ok(())
-    }
-
     async fn write_one(&self, msg: &Message, name: &Template) -> Result<(), ProcessError> {
         let file_name = render_name(name, msg)?;
         let dir = &self.path;
@@ -353,6 +294,7 @@ pub fn render_name(name: &Template, msg: &Message) -> Result<String, ProcessErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_core::ErrorKind;
 
     #[test]
     fn names_render_and_refuse_traversal() {

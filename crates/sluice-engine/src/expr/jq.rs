@@ -27,6 +27,7 @@
 mod budget;
 mod classify;
 mod convert;
+mod native;
 mod rewrite;
 mod stdlib;
 
@@ -93,6 +94,10 @@ impl JqCompileError {
 
 /// Compiles `code` once, for many evaluations under `limits`.
 pub fn compile(code: &str, limits: JqLimits) -> Result<Arc<dyn JqProgram>, JqCompileError> {
+    Ok(Arc::new(compile_program(code, limits)?))
+}
+
+fn compile_program(code: &str, limits: JqLimits) -> Result<Program, JqCompileError> {
     // The original text is compiled first so errors point at what the user wrote.
     let plain = compile_filter(code).map_err(first_error)?;
     let analysis = classify::analyze(code);
@@ -105,16 +110,23 @@ pub fn compile(code: &str, limits: JqLimits) -> Result<Arc<dyn JqProgram>, JqCom
             .and_then(|ticked| compile_filter(&ticked).ok())
             .unwrap_or(plain)
     };
-    Ok(Arc::new(Program {
+    // Only bounded programs can be native: the native tree has no definitions or recursion.
+    let native = analysis
+        .bounded
+        .then(|| jaq_core::load::parse(code, |p| p.term()))
+        .flatten()
+        .and_then(|term| native::compile(&term));
+    Ok(Program {
         compiled: Arc::new(Compiled {
             source: code.into(),
             filter,
+            native,
             bounded: analysis.bounded,
             uses_headers: analysis.uses_headers,
             uses_meta: analysis.uses_meta,
             limits,
         }),
-    }))
+    })
 }
 
 type Filter = jaq_core::Filter<Sluice>;
@@ -206,6 +218,8 @@ fn first_error(errors: Errors) -> JqCompileError {
 struct Compiled {
     source: Box<str>,
     filter: Filter,
+    /// The same program compiled to run on JSON values directly, when it is simple enough.
+    native: Option<native::Native>,
     bounded: bool,
     uses_headers: bool,
     uses_meta: bool,
@@ -242,8 +256,75 @@ impl Compiled {
         }
     }
 
+    /// Runs the native tree, within the same output limits as jaq; `Err(Bail)` when jaq must
+    /// evaluate instead (including when a limit is exceeded, so the error is jaq's).
+    fn evaluate_native(
+        &self,
+        native: &native::Native,
+        input: &Value,
+        msg: &Message,
+        first_only: bool,
+    ) -> Result<Vec<Value>, native::Bail> {
+        let headers = if self.uses_headers {
+            Value::Object(
+                msg.headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            )
+        } else {
+            Value::Null
+        };
+        let meta = if self.uses_meta {
+            MetaView::of(msg).to_json()
+        } else {
+            Value::Null
+        };
+        let env = native::Env {
+            headers: &headers,
+            meta: &meta,
+        };
+        let mut outputs = native.run(input, &env)?;
+        if first_only {
+            outputs.truncate(1);
+        }
+        if outputs.len() > self.limits.max_outputs {
+            return Err(native::Bail);
+        }
+        let mut bytes_left = self.limits.max_output_bytes;
+        for output in &outputs {
+            convert::charge_json(output, &mut bytes_left, 0).map_err(|_| native::Bail)?;
+        }
+        Ok(outputs)
+    }
+
     /// Runs the program to completion (or to its first output if `first_only`) on this thread.
+    ///
+    /// A panic inside jaq (some builtins panic on extreme arguments, e.g. a string repeated a
+    /// near-`i64::MAX` number of times overflows its capacity) fails the step instead of the
+    /// task running the flow.
     fn evaluate(
+        &self,
+        input: &Value,
+        vars: &Inputs<'_>,
+        timed: bool,
+        first_only: bool,
+    ) -> Result<Vec<Value>, ProcessError> {
+        let run =
+            std::panic::AssertUnwindSafe(|| self.evaluate_jaq(input, vars, timed, first_only));
+        std::panic::catch_unwind(run).unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown cause".to_owned());
+            Err(ProcessError::expression(format!(
+                "expression failed inside jq ({why}); check the values its operators receive"
+            )))
+        })
+    }
+
+    fn evaluate_jaq(
         &self,
         input: &Value,
         vars: &Inputs<'_>,
@@ -352,6 +433,11 @@ impl Program {
         first_only: bool,
     ) -> Result<Vec<Value>, ProcessError> {
         let compiled = &self.compiled;
+        if let Some(native) = &compiled.native
+            && let Ok(outputs) = compiled.evaluate_native(native, &input, msg, first_only)
+        {
+            return Ok(outputs);
+        }
         if compiled.bounded {
             return compiled.evaluate(&input, &compiled.inputs(msg), false, first_only);
         }

@@ -105,6 +105,38 @@ pub(super) fn to_json(val: &Val, budget: &mut usize, depth: usize) -> Result<Val
     })
 }
 
+/// Charges `value`'s estimated serialized size to `budget` exactly as [`to_json`] would, for
+/// results computed without jaq.
+pub(super) fn charge_json(value: &Value, budget: &mut usize, depth: usize) -> Result<(), TooBig> {
+    if depth > MAX_DEPTH {
+        return Err(TooBig::Depth);
+    }
+    fn take(budget: &mut usize, n: usize) -> Result<(), TooBig> {
+        *budget = budget.checked_sub(n).ok_or(TooBig::Bytes)?;
+        Ok(())
+    }
+    match value {
+        Value::Null => take(budget, 4),
+        Value::Bool(_) => take(budget, 5),
+        Value::Number(_) => take(budget, 8),
+        Value::String(s) => take(budget, s.len() + 2),
+        Value::Array(items) => {
+            take(budget, 2 + items.len())?;
+            items
+                .iter()
+                .try_for_each(|item| charge_json(item, budget, depth + 1))
+        }
+        Value::Object(entries) => {
+            take(budget, 2 + entries.len() * 2)?;
+            for (k, v) in entries {
+                take(budget, k.len() + 2)?;
+                charge_json(v, budget, depth + 1)?;
+            }
+            Ok(())
+        }
+    }
+}
+
 fn num_to_json(n: &Num) -> Value {
     match n {
         Num::Int(i) => Value::Number(Number::from(*i)),

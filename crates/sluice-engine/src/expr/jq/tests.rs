@@ -259,3 +259,16 @@ async fn outputs_are_capped() {
 fn source_is_kept() {
     assert_eq!(compile(".a", JqLimits::default()).unwrap().source(), ".a");
 }
+
+#[tokio::test]
+async fn a_panic_inside_jaq_fails_the_step_not_the_task() {
+    // Two bytes repeated ~2^63 times: more than a Vec may hold, so jaq panics ("capacity
+    // overflow"). (One byte would be a failed allocation, which aborts: see the module docs.)
+    let e = run("\"xy\" * 9223372036854775807", json!(null))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Expression);
+    assert!(e.to_string().contains("inside jq"), "{e}");
+    // The same program still runs on sane input.
+    assert_eq!(run("\"x\" * .", json!(2)).await.unwrap(), vec![json!("xx")]);
+}
