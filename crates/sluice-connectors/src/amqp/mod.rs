@@ -11,6 +11,7 @@ pub mod source;
 
 mod connection;
 mod mapping;
+mod settle;
 mod topology;
 
 pub use connection::{ConnectionConfig, TlsConfig};

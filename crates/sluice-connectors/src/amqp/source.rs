@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    BasicRejectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Connection, Consumer};
 use serde::Deserialize;
@@ -24,11 +21,12 @@ use sluice_core::{
     AckToken, Body, BuildContext, BuildError, HealthHandle, Message, Outcome, Source,
     SourceContext, SourceError,
 };
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use super::connection::{ConnectionConfig, TlsConfig, describe};
 use super::mapping::headers_from_delivery;
+use super::settle::{Settle, Verdict};
 use super::topology::{DeclareConfig, Topology, short};
 use crate::reconnect::{self, Backoff};
 
@@ -244,6 +242,10 @@ struct Session {
     conn: Connection,
     channel: Channel,
     consumer: Consumer,
+    /// Where this channel's deliveries report; dropped at shutdown so the settling task ends.
+    settle: Option<Settle>,
+    /// Sends the channel's acks, nacks and rejects (see `settle.rs`).
+    settler: JoinHandle<()>,
 }
 
 /// Why consuming stopped.
@@ -284,6 +286,9 @@ impl Source for AmqpSource {
                         .basic_cancel(this.consumer_tag.clone(), BasicCancelOptions::default())
                         .await;
                     while in_flight.join_next().await.is_some() {}
+                    // Every verdict is in; let the settling task send the last frames.
+                    session.settle = None;
+                    let _ = (&mut session.settler).await;
                     let _ = session.channel.close(200, "shutdown".into()).await;
                     let _ = session.conn.close(200, "shutdown".into()).await;
                     break;
@@ -333,11 +338,17 @@ impl AmqpSource {
         };
         let result = tokio::time::timeout(self.conn.timeout(), setup).await;
         match result {
-            Ok(Ok((channel, consumer))) => Ok(Session {
-                conn,
-                channel,
-                consumer,
-            }),
+            Ok(Ok((channel, consumer))) => {
+                let (settle, settler) =
+                    Settle::start(channel.clone(), self.prefetch, self.queue.to_string());
+                Ok(Session {
+                    conn,
+                    channel,
+                    consumer,
+                    settle: Some(settle),
+                    settler,
+                })
+            }
             Ok(Err(e)) => {
                 let _ = conn.close(200, "setup failed".into()).await;
                 Err(describe(&e))
@@ -368,7 +379,12 @@ impl AmqpSource {
                 next = session.consumer.next() => next,
             };
             match next {
-                Some(Ok(delivery)) => self.admit(delivery, ctx, in_flight).await,
+                Some(Ok(delivery)) => {
+                    let Some(settle) = session.settle.clone() else {
+                        return Ended::Shutdown;
+                    };
+                    self.admit(delivery, &settle, ctx, in_flight).await;
+                }
                 Some(Err(e)) => return Ended::Lost(describe(&e)),
                 None => {
                     return Ended::Lost(
@@ -383,6 +399,7 @@ impl AmqpSource {
     async fn admit(
         self: &Arc<Self>,
         delivery: Delivery,
+        settle: &Settle,
         ctx: &SourceContext,
         in_flight: &mut JoinSet<()>,
     ) {
@@ -392,7 +409,10 @@ impl AmqpSource {
             .correlation_id()
             .as_ref()
             .map(|c| c.as_str().to_owned());
-        let Delivery { data, acker, .. } = delivery;
+        let Delivery {
+            data, delivery_tag, ..
+        } = delivery;
+        settle.delivered(delivery_tag);
         let mut msg = Message::new(Body::from_bytes(data));
         msg.headers = headers;
         msg.meta.origin = Some(Arc::clone(&ctx.flow));
@@ -402,49 +422,37 @@ impl AmqpSource {
         let this = Arc::clone(self);
         let flow = Arc::clone(&ctx.flow);
         let shutdown = ctx.shutdown.clone();
+        let settle = settle.clone();
         in_flight.spawn(async move {
             // The flow resolves the message's shares, on success and on failure alike.
             let _ = work.await;
             let outcome = outcome
                 .await
                 .unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
-            this.settle(&acker, outcome, &flow, &shutdown).await;
+            let verdict = this.verdict(outcome, &flow, &shutdown).await;
+            settle.settled(delivery_tag, verdict);
         });
     }
 
-    async fn settle(
-        &self,
-        acker: &lapin::Acker,
-        outcome: Outcome,
-        flow: &str,
-        shutdown: &CancellationToken,
-    ) {
-        let result = match outcome {
-            Outcome::Ack => acker.ack(BasicAckOptions::default()).await,
+    /// What to tell the broker about a finished delivery; a requeue waits `requeue_delay`
+    /// first (not at shutdown: the channel closes and the broker requeues it anyway).
+    async fn verdict(&self, outcome: Outcome, flow: &str, shutdown: &CancellationToken) -> Verdict {
+        match outcome {
+            Outcome::Ack => Verdict::Ack,
             Outcome::Nack(reason) => match self.on_failure {
                 OnFailure::Requeue => {
                     tracing::debug!(flow, queue = self.queue.as_str(), %reason, "message failed; requeueing it");
-                    // At shutdown the channel closes soon and the broker requeues it anyway.
                     tokio::select! {
                         () = shutdown.cancelled() => {}
                         () = tokio::time::sleep(self.requeue_delay) => {}
                     }
-                    acker
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            multiple: false,
-                        })
-                        .await
+                    Verdict::Requeue
                 }
                 OnFailure::Reject => {
                     tracing::warn!(flow, queue = self.queue.as_str(), %reason, "message failed; rejecting it to the dead-letter exchange");
-                    acker.reject(BasicRejectOptions { requeue: false }).await
+                    Verdict::Reject
                 }
             },
-        };
-        if let Err(error) = result {
-            // The channel is gone; the broker redelivers the message: at-least-once holds.
-            tracing::debug!(flow, queue = self.queue.as_str(), error = %describe(&error), "cannot settle the delivery; the broker will redeliver it");
         }
     }
 }
