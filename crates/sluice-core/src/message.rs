@@ -117,6 +117,19 @@ impl Body {
             .ok_or_else(|| NotJson("unreachable".into()))
     }
 
+    /// The JSON view, for a step that is about to replace the body. When the body also holds
+    /// its bytes, the cached view is handed over rather than shared, so the step may consume it
+    /// without copying it; the body keeps its bytes and parses them again if asked.
+    pub fn take_json(&mut self) -> Result<Arc<Value>, NotJson> {
+        self.json()?;
+        if self.bytes.get().is_some()
+            && let Some(json) = self.json.take()
+        {
+            return Ok(json);
+        }
+        self.json_shared()
+    }
+
     /// The body as UTF-8 text, replacing invalid sequences.
     pub fn to_text(&self) -> String {
         String::from_utf8_lossy(self.as_bytes()).into_owned()
@@ -321,6 +334,21 @@ mod tests {
         let body = Body::from_json(json!({"a": 1}));
         assert_eq!(body.as_bytes().as_ref(), br#"{"a":1}"#);
         assert_eq!(body.json().unwrap(), &json!({"a": 1}));
+    }
+
+    #[test]
+    fn take_json_hands_over_the_view_only_when_the_bytes_stay() {
+        let mut bytes = Body::from_bytes(&br#"{"a":1}"#[..]);
+        let taken = bytes.take_json().unwrap();
+        assert_eq!(Arc::strong_count(&taken), 1, "the body kept a share");
+        assert_eq!(bytes.as_bytes().as_ref(), br#"{"a":1}"#);
+        assert_eq!(bytes.json().unwrap(), &json!({"a": 1}));
+        // A body that is only JSON must keep its view: it is all there is.
+        let mut only_json = Body::from_json(json!([1]));
+        let shared = only_json.take_json().unwrap();
+        assert_eq!(Arc::strong_count(&shared), 2);
+        assert_eq!(only_json.json().unwrap(), &json!([1]));
+        assert!(Body::from_bytes(&b"{oops"[..]).take_json().is_err());
     }
 
     #[test]

@@ -256,15 +256,15 @@ impl Compiled {
         }
     }
 
-    /// Runs the native tree, within the same output limits as jaq; `Err(Bail)` when jaq must
-    /// evaluate instead (including when a limit is exceeded, so the error is jaq's).
+    /// Runs the native tree under the same output limits as jaq (and with the same errors);
+    /// `Ok(Err(input))` hands the input back when jaq must evaluate instead.
     fn evaluate_native(
         &self,
         native: &native::Native,
-        input: &Value,
+        input: Arc<Value>,
         msg: &Message,
         first_only: bool,
-    ) -> Result<Vec<Value>, native::Bail> {
+    ) -> Result<Result<Vec<Value>, Arc<Value>>, ProcessError> {
         let headers = if self.uses_headers {
             Value::Object(
                 msg.headers
@@ -284,18 +284,41 @@ impl Compiled {
             headers: &headers,
             meta: &meta,
         };
-        let mut outputs = native.run(input, &env)?;
+        let mut outputs = match native.run_shared(input, &env) {
+            Ok(outputs) => outputs,
+            Err(input) => return Ok(Err(input)),
+        };
         if first_only {
             outputs.truncate(1);
         }
         if outputs.len() > self.limits.max_outputs {
-            return Err(native::Bail);
+            return Err(self.too_many_outputs());
         }
         let mut bytes_left = self.limits.max_output_bytes;
         for output in &outputs {
-            convert::charge_json(output, &mut bytes_left, 0).map_err(|_| native::Bail)?;
+            convert::charge_json(output, &mut bytes_left, 0).map_err(|e| self.too_big(e))?;
         }
-        Ok(outputs)
+        Ok(Ok(outputs))
+    }
+
+    fn too_many_outputs(&self) -> ProcessError {
+        ProcessError::expression(format!(
+            "expression produced more than {} outputs; use `limit(n; ...)` or `first(...)` to take fewer",
+            self.limits.max_outputs
+        ))
+    }
+
+    fn too_big(&self, e: TooBig) -> ProcessError {
+        match e {
+            TooBig::Bytes => ProcessError::expression(format!(
+                "expression output exceeds {} bytes; produce less data",
+                self.limits.max_output_bytes
+            )),
+            TooBig::Depth => ProcessError::expression(format!(
+                "expression output is nested deeper than {} levels",
+                convert::MAX_DEPTH
+            )),
+        }
     }
 
     /// Runs the program to completion (or to its first output if `first_only`) on this thread.
@@ -359,21 +382,9 @@ impl Compiled {
                 Err(exn) => return Err(runtime_error(exn)),
             };
             if outputs.len() == self.limits.max_outputs {
-                return Err(ProcessError::expression(format!(
-                    "expression produced more than {} outputs; use `limit(n; ...)` or `first(...)` to take fewer",
-                    self.limits.max_outputs
-                )));
+                return Err(self.too_many_outputs());
             }
-            let json = convert::to_json(&val, &mut bytes_left, 0).map_err(|e| match e {
-                TooBig::Bytes => ProcessError::expression(format!(
-                    "expression output exceeds {} bytes; produce less data",
-                    self.limits.max_output_bytes
-                )),
-                TooBig::Depth => ProcessError::expression(format!(
-                    "expression output is nested deeper than {} levels",
-                    convert::MAX_DEPTH
-                )),
-            })?;
+            let json = convert::to_json(&val, &mut bytes_left, 0).map_err(|e| self.too_big(e))?;
             outputs.push(json);
             if first_only {
                 break;
@@ -433,11 +444,13 @@ impl Program {
         first_only: bool,
     ) -> Result<Vec<Value>, ProcessError> {
         let compiled = &self.compiled;
-        if let Some(native) = &compiled.native
-            && let Ok(outputs) = compiled.evaluate_native(native, &input, msg, first_only)
-        {
-            return Ok(outputs);
-        }
+        let input = match &compiled.native {
+            Some(native) => match compiled.evaluate_native(native, input, msg, first_only)? {
+                Ok(outputs) => return Ok(outputs),
+                Err(input) => input,
+            },
+            None => input,
+        };
         if compiled.bounded {
             return compiled.evaluate(&input, &compiled.inputs(msg), false, first_only);
         }

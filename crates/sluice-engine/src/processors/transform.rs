@@ -84,7 +84,17 @@ struct Transform {
 #[async_trait]
 impl Processor for Transform {
     async fn process(&self, msg: Message) -> Result<Outputs, Failure> {
-        let (mut msg, body) = common::json_body(msg)?;
+        let mut msg = msg;
+        // Taken, not shared: the program may then build its result from the body itself.
+        let body = match msg.body.take_json() {
+            Ok(body) => body,
+            Err(e) => {
+                return Err(Failure::new(
+                    msg,
+                    ProcessError::invalid_input(e.to_string()),
+                ));
+            }
+        };
         let mut results = match self.program.run(body, &msg).await {
             Ok(results) => results,
             Err(e) => return Err(Failure::new(msg, e)),

@@ -17,6 +17,7 @@
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use jaq_core::load::lex::StrPart;
 use jaq_core::load::parse::{BinaryOp, Term};
@@ -289,6 +290,39 @@ impl Native {
     /// Runs on `input`. `pristine`: `input` is the message body or a part of it (or of
     /// `$headers`), whose objects jaq holds in key order too; objects the program built may be
     /// in another order in jaq, so iterating them is left to jaq.
+    /// [`Native::run`] on a shared input, handing the input back on a bail. When nothing else
+    /// holds the input, `. + {...}` (the most common transform) adds to the input itself
+    /// instead of copying it first.
+    pub(super) fn run_shared(
+        &self,
+        input: Arc<Value>,
+        env: &Env<'_>,
+    ) -> Result<Vec<Value>, Arc<Value>> {
+        if let Native::Math(Math::Add, l, r) = self
+            && matches!(**l, Native::Id)
+            && input.is_object()
+            && Arc::strong_count(&input) == 1
+        {
+            let added = match single(r, &input, true, env) {
+                Ok(added) => added.into_owned(),
+                Err(Bail) => return Err(input),
+            };
+            return match (Arc::try_unwrap(input), added) {
+                (Ok(Value::Object(mut map)), Value::Object(added)) => {
+                    map.extend(added);
+                    Ok(vec![Value::Object(map)])
+                }
+                (Ok(original), added) => {
+                    // Not an object on the right: the general rules (and their errors) apply.
+                    let sum = math(Math::Add, Cow::Borrowed(&original), Cow::Owned(added));
+                    sum.map(|v| vec![v]).map_err(|Bail| Arc::new(original))
+                }
+                (Err(shared), _) => self.run(&shared, env).map_err(|Bail| shared),
+            };
+        }
+        self.run(&input, env).map_err(|Bail| input)
+    }
+
     fn each<'a>(
         &self,
         input: &'a Value,

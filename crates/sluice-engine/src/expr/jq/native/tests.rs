@@ -31,10 +31,12 @@ fn both(
     let p = program(code);
     let msg = message();
     let c = &p.compiled;
-    let native = c
-        .native
-        .as_ref()
-        .map(|n: &Native| c.evaluate_native(n, input, &msg, false));
+    let native = c.native.as_ref().map(|n: &Native| {
+        match c.evaluate_native(n, std::sync::Arc::new(input.clone()), &msg, false) {
+            Ok(Ok(outputs)) => Ok(outputs),
+            _ => Err(Bail),
+        }
+    });
     let jaq = c.evaluate(input, &c.inputs(&msg), false, false);
     (native, jaq)
 }
@@ -300,4 +302,66 @@ fn generated_programs_mostly_run_natively() {
         answered * 10 > jaq_ok * 7,
         "only {answered} of the {jaq_ok} programs jaq ran were answered natively"
     );
+}
+
+#[test]
+fn adding_in_place_leaves_a_shared_input_alone() {
+    let p = program(". + {a: 1, n: (.n + 1)}");
+    let c = &p.compiled;
+    let native = c.native.as_ref().unwrap();
+    let shared = std::sync::Arc::new(json!({"n": 1, "b": 2}));
+    let held = std::sync::Arc::clone(&shared);
+    let out = c
+        .evaluate_native(native, shared, &message(), false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, vec![json!({"n": 2, "b": 2, "a": 1})]);
+    assert_eq!(*held, json!({"n": 1, "b": 2}));
+    // Alone, the input itself becomes the result; the answer is the same.
+    let alone = std::sync::Arc::new(json!({"n": 1, "b": 2}));
+    let out = c
+        .evaluate_native(native, alone, &message(), false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(out, vec![json!({"n": 2, "b": 2, "a": 1})]);
+    // A right side that is not an object follows the general rules: jaq's error.
+    let p = program(". + .n");
+    let c = &p.compiled;
+    let bailed = c
+        .evaluate_native(
+            c.native.as_ref().unwrap(),
+            std::sync::Arc::new(json!({"n": 1})),
+            &message(),
+            false,
+        )
+        .unwrap();
+    assert_eq!(bailed, Err(std::sync::Arc::new(json!({"n": 1}))));
+}
+
+#[tokio::test]
+async fn native_results_meet_the_same_limits_with_the_same_errors() {
+    use sluice_core::component::JqProgram;
+    let limits = JqLimits {
+        max_outputs: 2,
+        max_output_bytes: 64,
+        ..JqLimits::default()
+    };
+    let native = compile_program(".[]", limits).unwrap();
+    assert!(native.compiled.native.is_some());
+    // A user definition keeps this one on jaq.
+    let jaq = compile_program("def f: .[]; f", limits).unwrap();
+    assert!(jaq.compiled.native.is_none());
+    let msg = message();
+    for input in [
+        json!([1, 2, 3]),
+        json!(["a string longer than the sixty-four bytes the limits allow in all"]),
+    ] {
+        let n = native.run(std::sync::Arc::new(input.clone()), &msg).await;
+        let j = jaq.run(std::sync::Arc::new(input.clone()), &msg).await;
+        assert_eq!(
+            n.unwrap_err().to_string(),
+            j.unwrap_err().to_string(),
+            "on {input}"
+        );
+    }
 }
