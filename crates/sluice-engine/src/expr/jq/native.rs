@@ -385,7 +385,7 @@ impl Native {
                 if truthy.is_empty() {
                     r.each(input, pristine, env, out)
                 } else {
-                    truthy.into_iter().try_for_each(|v| out(v))
+                    truthy.into_iter().try_for_each(&mut *out)
                 }
             }
             Native::And(l, r) => l.each(input, pristine, env, &mut |v| {
@@ -577,7 +577,7 @@ fn walk<'a>(
 fn index(len: usize, i: i64) -> Option<usize> {
     let len = i64::try_from(len).ok()?;
     let at = if i < 0 { len + i } else { i };
-    (0..len).contains(&at).then(|| at as usize)
+    (0..len).contains(&at).then_some(at as usize)
 }
 
 fn boolean<'a>(b: bool) -> Cow<'a, Value> {
