@@ -120,8 +120,8 @@ pub enum Event {
         /// Why filters were refused (empty when all were granted).
         refused: Vec<String>,
     },
-    /// A message arrived.
-    Message(Received),
+    /// A message arrived (boxed: an MQTT 5 packet is large beside the other events).
+    Message(Box<Received>),
     /// A publish was written with this packet id (in the order publishes were queued).
     PublishSent(u16),
     /// The broker acknowledged a QoS 1 publish (PUBACK) or refused it (MQTT 5 reason code).
@@ -315,7 +315,7 @@ fn v311_event(event: rumqttc::Event) -> Event {
                 .map(|_| "refused".to_owned())
                 .collect(),
         },
-        E::Incoming(I::Publish(p)) => Event::Message(Received {
+        E::Incoming(I::Publish(p)) => Event::Message(Box::new(Received {
             topic: p.topic.clone(),
             payload: p.payload.clone(),
             qos: p.qos,
@@ -324,7 +324,7 @@ fn v311_event(event: rumqttc::Event) -> Event {
             user_properties: Vec::new(),
             content_type: None,
             packet: Packet::V311(p),
-        }),
+        })),
         E::Incoming(I::PubAck(ack)) => Event::PubAck(ack.pkid, Ok(())),
         E::Incoming(I::PubRec(rec)) => Event::PubRec(rec.pkid, Ok(())),
         E::Incoming(I::PubComp(comp)) => Event::PubComp(comp.pkid, Ok(())),
@@ -355,7 +355,7 @@ fn v5_event(event: rumqttc::v5::Event) -> Event {
                 .as_ref()
                 .map(|props| (props.user_properties.clone(), props.content_type.clone()))
                 .unwrap_or_default();
-            Event::Message(Received {
+            Event::Message(Box::new(Received {
                 topic: String::from_utf8_lossy(&p.topic).into_owned(),
                 payload: p.payload.clone(),
                 qos: from_v5_qos(p.qos),
@@ -364,7 +364,7 @@ fn v5_event(event: rumqttc::v5::Event) -> Event {
                 user_properties,
                 content_type,
                 packet: Packet::V5(p),
-            })
+            }))
         }
         E::Incoming(P::PubAck(ack)) => Event::PubAck(
             ack.pkid,

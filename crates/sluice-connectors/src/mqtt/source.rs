@@ -362,7 +362,7 @@ impl Source for MqttSource {
                 }
                 Ok(Event::Message(received)) => {
                     if let Phase::Running { tx, .. } = &phase {
-                        let _ = tx.send(received);
+                        let _ = tx.send(*received);
                     }
                 }
                 Ok(Event::DisconnectSent) if matches!(phase, Phase::Closing(_)) => {
