@@ -1,4 +1,6 @@
-//! The `mqtt` source and sink against the real Mosquitto on 127.0.0.1:1883.
+//! The `mqtt` source and sink against the real Mosquitto on 127.0.0.1:1883. Every behaviour test
+//! runs for both protocols (`v3_1_1::` and `v5::`, see the end of the file); the plain clients
+//! around them speak 3.1.1 except in the MQTT 5 property tests, so the two versions also meet.
 #![cfg(feature = "mqtt")]
 // Test helpers outside #[test] fns may panic on a broken fixture: that is the failure report.
 #![allow(
@@ -147,8 +149,7 @@ async fn wait_subscribed(publisher: &mut Publisher, topic: &str, dispatch: &Test
     dispatch.seen.lock().unwrap().clear();
 }
 
-#[tokio::test]
-async fn source_maps_wildcard_topics_to_headers_in_order() {
+async fn source_maps_wildcard_topics_to_headers_in_order(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
@@ -156,7 +157,7 @@ async fn source_maps_wildcard_topics_to_headers_in_order() {
     let resources = Arc::new(Resources::default());
     let dispatch = acking();
     let (task, shutdown) = start_source(
-        json!({"url": URL, "topics": [format!("{base}/+/temp"), format!("{base}/probe")], "clean_session": true}),
+        json!({"protocol": protocol, "url": URL, "topics": [format!("{base}/+/temp"), format!("{base}/probe")], "clean_session": true}),
         Arc::clone(&dispatch),
         &resources,
         "mqtt-in",
@@ -191,14 +192,13 @@ async fn source_maps_wildcard_topics_to_headers_in_order() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn source_persistent_session_gets_what_was_published_while_it_was_down() {
+async fn source_persistent_session_gets_what_was_published_while_it_was_down(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
     let topic = unique("sluice_mqtt_persist");
     let client_id = unique("sluice-it");
-    let config = json!({"url": URL, "topics": topic, "client_id": client_id, "qos": 1});
+    let config = json!({"protocol": protocol, "url": URL, "topics": topic, "client_id": client_id, "qos": 1});
     let resources = Arc::new(Resources::default());
     let first = acking();
     let (task, shutdown) = start_source(
@@ -230,7 +230,7 @@ async fn source_persistent_session_gets_what_was_published_while_it_was_down() {
     // They were acknowledged: a third session gets nothing more.
     let third = acking();
     let (task, shutdown) = start_source(
-        json!({"url": URL, "topics": topic, "client_id": client_id, "clean_session": true}),
+        json!({"protocol": protocol, "url": URL, "topics": topic, "client_id": client_id, "clean_session": true}),
         Arc::clone(&third),
         &resources,
         "mqtt-persist",
@@ -241,8 +241,7 @@ async fn source_persistent_session_gets_what_was_published_while_it_was_down() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn source_failed_message_is_delivered_again() {
+async fn source_failed_message_is_delivered_again(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
@@ -257,7 +256,7 @@ async fn source_failed_message_is_delivered_again() {
         Ok(vec![])
     });
     let (task, shutdown) = start_source(
-        json!({"url": URL, "topics": topic, "client_id": unique("sluice-it"), "redelivery_delay": "50ms"}),
+        json!({"protocol": protocol, "url": URL, "topics": topic, "client_id": unique("sluice-it"), "redelivery_delay": "50ms"}),
         Arc::clone(&dispatch),
         &resources,
         "mqtt-redeliver",
@@ -276,8 +275,7 @@ async fn source_failed_message_is_delivered_again() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn source_reconnects_after_the_broker_goes_away() {
+async fn source_reconnects_after_the_broker_goes_away(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
@@ -286,7 +284,7 @@ async fn source_reconnects_after_the_broker_goes_away() {
     let resources = Arc::new(Resources::default());
     let dispatch = acking();
     let (task, shutdown) = start_source(
-        json!({"url": format!("mqtt://{}", proxy.addr()), "topics": topic, "client_id": unique("sluice-it")}),
+        json!({"protocol": protocol, "url": format!("mqtt://{}", proxy.addr()), "topics": topic, "client_id": unique("sluice-it")}),
         Arc::clone(&dispatch),
         &resources,
         "mqtt-reconnect",
@@ -323,11 +321,10 @@ async fn source_reconnects_after_the_broker_goes_away() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn source_with_an_unreachable_broker_stays_up_unhealthy() {
+async fn source_with_an_unreachable_broker_stays_up_unhealthy(protocol: &str) {
     let resources = Arc::new(Resources::default());
     let (task, shutdown) = start_source(
-        json!({"url": "mqtt://127.0.0.1:1", "topics": "x"}),
+        json!({"protocol": protocol, "url": "mqtt://127.0.0.1:1", "topics": "x"}),
         acking(),
         &resources,
         "mqtt-down",
@@ -350,8 +347,7 @@ async fn source_with_an_unreachable_broker_stays_up_unhealthy() {
         .unwrap();
 }
 
-#[tokio::test]
-async fn sink_publishes_with_acknowledgements_topic_from_header_and_retain() {
+async fn sink_publishes_with_acknowledgements_topic_from_header_and_retain(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
@@ -361,7 +357,7 @@ async fn sink_publishes_with_acknowledgements_topic_from_header_and_retain() {
     for qos in [0, 1, 2] {
         let sink = build_sink(
             "mqtt",
-            json!({"url": URL, "topic": format!("{base}/{{device}}/cmd"), "qos": qos}),
+            json!({"protocol": protocol, "url": URL, "topic": format!("{base}/{{device}}/cmd"), "qos": qos}),
             &resources,
         )
         .unwrap();
@@ -388,14 +384,19 @@ async fn sink_publishes_with_acknowledgements_topic_from_header_and_retain() {
         ns.sort_unstable();
         assert_eq!(ns, (0..30).collect::<Vec<_>>());
     }
-    let missing = build_sink("mqtt", json!({"url": URL, "topic": "{nope}"}), &resources).unwrap();
+    let missing = build_sink(
+        "mqtt",
+        json!({"protocol": protocol, "url": URL, "topic": "{nope}"}),
+        &resources,
+    )
+    .unwrap();
     let err = missing.deliver(&Message::json(json!(1))).await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidInput);
 
     // Retained: a subscriber arriving later still gets the last value.
     let retained = build_sink(
         "mqtt",
-        json!({"url": URL, "topic": format!("{base}/status"), "retain": true}),
+        json!({"protocol": protocol, "url": URL, "topic": format!("{base}/status"), "retain": true}),
         &resources,
     )
     .unwrap();
@@ -409,8 +410,7 @@ async fn sink_publishes_with_acknowledgements_topic_from_header_and_retain() {
     assert!(problems(&resources, "test-flow").is_empty());
 }
 
-#[tokio::test]
-async fn sink_fails_while_the_broker_is_away_and_recovers() {
+async fn sink_fails_while_the_broker_is_away_and_recovers(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
@@ -420,7 +420,7 @@ async fn sink_fails_while_the_broker_is_away_and_recovers() {
     let resources = Arc::new(Resources::default());
     let sink = build_sink(
         "mqtt",
-        json!({"url": format!("mqtt://{}", proxy.addr()), "topic": topic}),
+        json!({"protocol": protocol, "url": format!("mqtt://{}", proxy.addr()), "topic": topic}),
         &resources,
     )
     .unwrap();
@@ -447,15 +447,19 @@ async fn sink_fails_while_the_broker_is_away_and_recovers() {
     assert_eq!(&got[1].payload[..], b"2");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sink_throughput_qos1() {
+async fn sink_throughput_qos1(protocol: &str) {
     if !service("Mosquitto", ADDR).await {
         return;
     }
     let topic = unique("sluice_mqtt_tput");
     let mut rx = subscriber(&topic).await;
     let resources = Arc::new(Resources::default());
-    let sink = build_sink("mqtt", json!({"url": URL, "topic": topic}), &resources).unwrap();
+    let sink = build_sink(
+        "mqtt",
+        json!({"protocol": protocol, "url": URL, "topic": topic}),
+        &resources,
+    )
+    .unwrap();
     sink.deliver(&Message::bytes("warm-up")).await.unwrap();
     assert_eq!(receive(&mut rx, 1).await.len(), 1);
     // Rounds of 500 with the subscriber drained between them: Mosquitto drops messages queued
@@ -499,3 +503,299 @@ async fn sink_throughput_qos1() {
         total as f64 / sending.as_secs_f64()
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// MQTT 5 only: properties and session expiry, with MQTT 5 clients on the other side.
+
+use rumqttc::v5::mqttbytes::v5::{Publish as Publish5, PublishProperties};
+
+/// An MQTT 5 client that publishes with QoS 1 and properties, waiting for each PUBACK.
+async fn publish5(topic: &str, body: &[u8], properties: PublishProperties) {
+    let options = rumqttc::v5::MqttOptions::new(unique("pub5"), "127.0.0.1", 1883);
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
+    client
+        .publish_with_properties(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            body.to_vec(),
+            properties,
+        )
+        .await
+        .unwrap();
+    let acked = async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(_)) =
+                eventloop.poll().await.unwrap()
+            {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), acked)
+        .await
+        .expect("puback");
+}
+
+/// An MQTT 5 subscriber to `filter`; returns once the broker confirmed the subscription.
+async fn subscriber5(filter: &str) -> mpsc::UnboundedReceiver<Publish5> {
+    let options = rumqttc::v5::MqttOptions::new(unique("sub5"), "127.0.0.1", 1883);
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 10);
+    client
+        .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (subscribed, ready) = tokio::sync::oneshot::channel();
+    let mut subscribed = Some(subscribed);
+    tokio::spawn(async move {
+        let _client = client;
+        while let Ok(event) = eventloop.poll().await {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            match event {
+                rumqttc::v5::Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(s) = subscribed.take() {
+                        let _ = s.send(());
+                    }
+                }
+                rumqttc::v5::Event::Incoming(Packet::Publish(p)) => {
+                    let _ = tx.send(p);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(5), ready)
+        .await
+        .expect("suback")
+        .unwrap();
+    rx
+}
+
+#[tokio::test]
+async fn v5_source_maps_user_properties_and_content_type_to_headers() {
+    if !service("Mosquitto", ADDR).await {
+        return;
+    }
+    let base = unique("sluice_mqtt5_props");
+    let resources = Arc::new(Resources::default());
+    let dispatch = acking();
+    let (task, shutdown) = start_source(
+        json!({"protocol": "5", "url": URL, "topics": format!("{base}/#"), "clean_session": true, "qos": 2}),
+        Arc::clone(&dispatch),
+        &resources,
+        "mqtt5-in",
+    );
+    let mut p = publisher().await;
+    wait_subscribed(&mut p, &format!("{base}/probe"), &dispatch).await;
+    let properties = PublishProperties {
+        user_properties: vec![
+            ("tenant".into(), "acme".into()),
+            ("tenant".into(), "second value".into()),
+            ("mqtt.topic".into(), "forged".into()),
+            ("x-seq".into(), "7".into()),
+        ],
+        content_type: Some("application/json".into()),
+        ..PublishProperties::default()
+    };
+    publish5(&format!("{base}/eu/orders"), br#"{"n":7}"#, properties).await;
+    wait_until("the message", Duration::from_secs(10), || {
+        dispatch.count() == 1
+    })
+    .await;
+    let m = &dispatch.seen()[0];
+    assert_eq!(m.body.json().unwrap(), &json!({"n": 7}));
+    assert_eq!(m.headers["tenant"], "acme");
+    assert_eq!(m.headers["x-seq"], "7");
+    assert_eq!(m.headers["content-type"], "application/json");
+    assert_eq!(m.headers["mqtt.topic"], format!("{base}/eu/orders"));
+    assert_eq!(m.headers["mqtt.qos"], "1");
+    assert_eq!(m.headers["mqtt.retain"], "false");
+    // A 3.1.1 publisher's message has no properties: only the mqtt.* headers.
+    p.send(&format!("{base}/plain"), b"1").await;
+    wait_until("the plain message", Duration::from_secs(10), || {
+        dispatch.count() == 2
+    })
+    .await;
+    let plain = &dispatch.seen()[1];
+    assert!(
+        plain.headers.keys().all(|k| k.starts_with("mqtt.")),
+        "{:?}",
+        plain.headers
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn v5_sink_sends_headers_as_user_properties_and_the_content_type() {
+    if !service("Mosquitto", ADDR).await {
+        return;
+    }
+    let base = unique("sluice_mqtt5_sink");
+    let mut rx = subscriber5(&format!("{base}/#")).await;
+    let resources = Arc::new(Resources::default());
+    for qos in [0, 1, 2] {
+        let sink = build_sink(
+            "mqtt",
+            json!({"protocol": "5", "url": URL, "topic": format!("{base}/{{region}}"), "qos": qos, "content_type": "application/json"}),
+            &resources,
+        )
+        .unwrap();
+        let tagged = Message::json(json!({"qos": qos}))
+            .with_header("region", "eu")
+            .with_header("tenant", "acme")
+            .with_header("mqtt.topic", "where it came from");
+        sink.deliver(&tagged).await.unwrap();
+        let text = Message::bytes("plain text")
+            .with_header("region", "us")
+            .with_header("content-type", "text/plain");
+        sink.deliver(&text).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), async {
+            (rx.recv().await.unwrap(), rx.recv().await.unwrap())
+        })
+        .await
+        .expect("both messages");
+        let (first, second) = if got.0.topic.ends_with(b"/eu") {
+            got
+        } else {
+            (got.1, got.0)
+        };
+        let props = first.properties.unwrap();
+        let mut user = props.user_properties.clone();
+        user.sort();
+        assert_eq!(
+            user,
+            vec![
+                ("region".to_owned(), "eu".to_owned()),
+                ("tenant".to_owned(), "acme".to_owned())
+            ],
+            "qos {qos}"
+        );
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        let props = second.properties.unwrap();
+        assert_eq!(props.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(
+            props.user_properties,
+            vec![("region".to_owned(), "us".to_owned())]
+        );
+        assert_eq!(&second.payload[..], b"plain text");
+    }
+    assert!(problems(&resources, "test-flow").is_empty());
+}
+
+#[tokio::test]
+async fn v5_session_expiry_ends_the_session() {
+    if !service("Mosquitto", ADDR).await {
+        return;
+    }
+    let topic = unique("sluice_mqtt5_expiry");
+    let client_id = unique("sluice-it");
+    let config = json!({"protocol": "5", "url": URL, "topics": topic, "client_id": client_id, "session_expiry": "1s"});
+    let resources = Arc::new(Resources::default());
+    let first = acking();
+    let (task, shutdown) =
+        start_source(config.clone(), Arc::clone(&first), &resources, "mqtt5-exp");
+    let mut p = publisher().await;
+    wait_subscribed(&mut p, &topic, &first).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    // Past the expiry (Mosquitto checks expiries about once a second): the session is gone, so
+    // this message is kept for nobody.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    p.send(&topic, b"while expired").await;
+    let second = acking();
+    let (task, shutdown) = start_source(config, Arc::clone(&second), &resources, "mqtt5-exp");
+    // A new session subscribes again; a probe that arrives shows it is in place, and anything
+    // the broker had kept would have been delivered before it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !second.seen().iter().any(|m| m.body.to_text() == "probe") {
+        assert!(Instant::now() < deadline, "the source never subscribed");
+        p.send(&topic, b"probe").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        second
+            .seen()
+            .iter()
+            .all(|m| m.body.to_text() != "while expired"),
+        "an expired session kept a message"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[test]
+fn mqtt5_settings_with_3_1_1_name_the_field() {
+    let resources = Arc::new(Resources::default());
+    let err = build_err(build_source(
+        "mqtt",
+        json!({"url": URL, "topics": "a", "session_expiry": "1h"}),
+        &resources,
+    ));
+    assert_eq!(err.field.as_deref(), Some("session_expiry"));
+    assert!(err.message.contains("protocol: \"5\""), "{}", err.message);
+    let err = build_err(build_source(
+        "mqtt",
+        json!({"protocol": "5", "url": URL, "topics": "a", "session_expiry": "1h", "clean_session": true}),
+        &resources,
+    ));
+    assert_eq!(err.field.as_deref(), Some("session_expiry"));
+    let err = build_err(build_sink(
+        "mqtt",
+        json!({"url": URL, "topic": "a", "content_type": "text/plain"}),
+        &resources,
+    ));
+    assert_eq!(err.field.as_deref(), Some("content_type"));
+    assert!(
+        build_source(
+            "mqtt",
+            json!({"protocol": "5", "url": URL, "topics": "a", "session_expiry": "1d"}),
+            &resources
+        )
+        .is_ok()
+    );
+}
+
+/// Runs each behaviour test above once per protocol version, on the runtime its attribute names
+/// (the source tests keep the current-thread runtime: the recording dispatch notes a message when
+/// its task runs, which on one thread is the admission order).
+macro_rules! for_both_protocols {
+    ($(#[$runtime:meta] $name:ident),* $(,)?) => {
+        mod v3_1_1 {
+            $(
+                #[$runtime]
+                async fn $name() {
+                    super::$name("3.1.1").await;
+                }
+            )*
+        }
+        mod v5 {
+            $(
+                #[$runtime]
+                async fn $name() {
+                    super::$name("5").await;
+                }
+            )*
+        }
+    };
+}
+
+for_both_protocols!(
+    #[tokio::test]
+    source_maps_wildcard_topics_to_headers_in_order,
+    #[tokio::test]
+    source_persistent_session_gets_what_was_published_while_it_was_down,
+    #[tokio::test]
+    source_failed_message_is_delivered_again,
+    #[tokio::test]
+    source_reconnects_after_the_broker_goes_away,
+    #[tokio::test]
+    source_with_an_unreachable_broker_stays_up_unhealthy,
+    #[tokio::test]
+    sink_publishes_with_acknowledgements_topic_from_header_and_retain,
+    #[tokio::test]
+    sink_fails_while_the_broker_is_away_and_recovers,
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    sink_throughput_qos1,
+);

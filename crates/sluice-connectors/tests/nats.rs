@@ -311,6 +311,14 @@ async fn jetstream_terminates_a_message_after_max_deliver_and_keeps_going() {
         .map(|m| m.headers["nats.delivered"].clone())
         .collect();
     assert_eq!(poison, ["1", "2", "3"]);
+    // Only the last delivery is final, so only it may go to the flow's dead letter.
+    let final_delivery: Vec<bool> = dispatch
+        .seen()
+        .iter()
+        .filter(|m| m.body.json().unwrap()["n"] == 0)
+        .map(|m| !m.meta.redelivers_on_nack)
+        .collect();
+    assert_eq!(final_delivery, [false, false, true]);
     assert!(
         dispatch
             .seen()

@@ -447,3 +447,214 @@ async fn the_redis_store_backend_is_registered() {
     assert_eq!(e.field.as_deref(), Some("nope"));
     let _: () = conn().await.del(format!("{prefix}k")).await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// `throttle` with `backend: {redis: ...}`: one limit shared by several instances.
+
+/// The engine's step builder with the connectors' store backends, as the runtime has them.
+struct WithStores(sluice_core::Registry);
+
+impl sluice_core::StepBuilder for WithStores {
+    fn build_steps(
+        &self,
+        field: &str,
+        _: &serde_json::Value,
+    ) -> Result<Arc<dyn sluice_core::Processor>, sluice_core::BuildError> {
+        Err(sluice_core::BuildError::field(field, "no steps here"))
+    }
+    fn compile_jq(
+        &self,
+        field: &str,
+        code: &str,
+    ) -> Result<Arc<dyn sluice_core::component::JqProgram>, sluice_core::BuildError> {
+        sluice_engine::expr::jq::compile(code, sluice_engine::expr::jq::JqLimits::default())
+            .map_err(|e| sluice_core::BuildError::field(field, e.to_string()))
+    }
+    fn store_backend(
+        &self,
+        name: &str,
+    ) -> Result<Option<sluice_core::registry::StoreBackend>, Vec<&'static str>> {
+        self.0
+            .get_store_backend(name)
+            .map(Some)
+            .ok_or_else(|| self.0.store_backend_names())
+    }
+}
+
+/// A `throttle` step as one instance of a flow would build it (its own resources, its own
+/// connection to Redis).
+fn throttle(
+    config: serde_json::Value,
+) -> Result<Arc<dyn sluice_core::Processor>, sluice_core::BuildError> {
+    use sluice_core::registry::Factory;
+    use sluice_core::spec::ComponentKind;
+    let mut reg = registry();
+    sluice_engine::register_all(&mut reg);
+    let (spec, factory) = reg
+        .get(ComponentKind::Processor, "throttle")
+        .expect("registered");
+    let Factory::Processor(f) = factory else {
+        panic!("not a processor")
+    };
+    let config = with_defaults(spec, &config);
+    let resources = resources();
+    let steps = WithStores(reg.clone());
+    let ctx = sluice_core::BuildContext {
+        flow: "throttled",
+        id: "steps[0]",
+        steps: &steps,
+        resources: &resources,
+        downstream: Arc::new(NoDownstream),
+    };
+    f(&config, &ctx)
+}
+
+/// How many of `n` messages with key `k` pass `step` at once (reject mode), and the errors of
+/// the others.
+async fn passing(
+    step: &Arc<dyn sluice_core::Processor>,
+    k: &str,
+    n: usize,
+) -> (usize, Vec<ProcessError>) {
+    let mut passed = 0;
+    let mut refused = Vec::new();
+    for i in 0..n {
+        match step.process(Message::json(json!({"k": k, "i": i}))).await {
+            Ok(out) => {
+                passed += 1;
+                for m in out {
+                    m.ack();
+                }
+            }
+            Err(f) => {
+                f.message.ack();
+                refused.push(f.error);
+            }
+        }
+    }
+    (passed, refused)
+}
+
+#[tokio::test]
+async fn throttle_instances_sharing_a_redis_backend_share_one_limit() {
+    if !up().await {
+        return;
+    }
+    let prefix = format!("{}:", unique("it:throttle"));
+    // A burst of 10 refilled one per 6 minutes: nothing refills while the test runs.
+    let config = json!({"rate": 10, "per": "1h", "burst": 10, "key": ".k", "mode": "reject",
+        "backend": {"redis": {"url": URL, "prefix": prefix}}});
+    let a = throttle(config.clone()).unwrap();
+    let b = throttle(config.clone()).unwrap();
+    let (passed_a, _) = passing(&a, "acme", 6).await;
+    assert_eq!(passed_a, 6);
+    // The second instance gets what the first left of the limit, not a limit of its own.
+    let (passed_b, refused) = passing(&b, "acme", 6).await;
+    assert_eq!(passed_b, 4, "{refused:?}");
+    assert_eq!(refused.len(), 2);
+    assert!(refused.iter().all(|e| e.kind == ErrorKind::Rejected));
+    assert!(
+        refused[0].detail.contains("for key `acme`") && refused[0].detail.contains("retry after"),
+        "{}",
+        refused[0].detail
+    );
+    let (again_a, _) = passing(&a, "acme", 1).await;
+    assert_eq!(again_a, 0);
+    // Another key has its own full limit, whichever instance asks.
+    let (other_a, _) = passing(&a, "globex", 5).await;
+    let (other_b, _) = passing(&b, "globex", 6).await;
+    assert_eq!((other_a, other_b), (5, 5));
+    // Redis keeps one key per throttled key, expiring once its schedule has passed.
+    let mut c = conn().await;
+    let ttl: i64 = c.pttl(format!("{prefix}acme")).await.unwrap();
+    assert!(ttl > 0 && ttl <= 3_600_000, "{ttl}");
+    let _: () = c
+        .del(&[format!("{prefix}acme"), format!("{prefix}globex")])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn throttle_in_delay_mode_waits_for_the_slot_another_instance_left() {
+    if !up().await {
+        return;
+    }
+    let prefix = format!("{}:", unique("it:throttle"));
+    let config = |max_wait: &str| {
+        json!({"rate": 1, "per": "1h", "max_wait": max_wait,
+            "backend": {"redis": {"url": URL, "prefix": prefix}}})
+    };
+    let a = throttle(config("1m")).unwrap();
+    let b = throttle(config("1m")).unwrap();
+    assert_eq!(passing(&a, "", 1).await.0, 1);
+    // The next shared slot is an hour away: beyond b's max_wait, so b refuses with the hint.
+    let (passed, refused) = passing(&b, "", 1).await;
+    assert_eq!(passed, 0);
+    assert_eq!(refused[0].kind, ErrorKind::Rejected);
+    // About an hour, in milliseconds: the hint comes from the shared schedule.
+    assert!(
+        refused[0].detail.contains("retry after 35"),
+        "{}",
+        refused[0].detail
+    );
+    // Within max_wait the slot is reserved and waited for (the script's wait is honoured).
+    let c = throttle(config("2h")).unwrap();
+    let waiting = tokio::spawn(async move { passing(&c, "", 1).await.0 });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a message passed an hour early");
+    waiting.abort();
+    let _: () = conn().await.del(prefix.clone()).await.unwrap();
+}
+
+#[tokio::test]
+async fn throttle_with_redis_down_fails_unavailable_instead_of_passing() {
+    let step =
+        throttle(json!({"rate": 5, "backend": {"redis": {"url": "redis://127.0.0.1:1"}}})).unwrap();
+    let (passed, refused) = passing(&step, "", 2).await;
+    assert_eq!(passed, 0);
+    assert!(
+        refused.iter().all(|e| e.kind == ErrorKind::Unavailable),
+        "{refused:?}"
+    );
+    assert!(
+        refused[0].detail.contains("127.0.0.1:1"),
+        "{}",
+        refused[0].detail
+    );
+}
+
+#[tokio::test]
+async fn throttle_reloads_its_script_after_redis_forgot_it() {
+    if !up().await {
+        return;
+    }
+    let prefix = format!("{}:", unique("it:throttle"));
+    let step = throttle(json!({"rate": 2, "per": "1h", "burst": 2, "mode": "reject",
+        "backend": {"redis": {"url": URL, "prefix": prefix}}}))
+    .unwrap();
+    assert_eq!(passing(&step, "", 1).await.0, 1);
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn().await)
+        .await
+        .unwrap();
+    assert_eq!(passing(&step, "", 2).await.0, 1);
+    let _: () = conn().await.del(prefix.clone()).await.unwrap();
+}
+
+#[test]
+fn throttle_backends_are_checked_at_build() {
+    let e = throttle(json!({"rate": 1, "backend": {"nats_kv": {}}}))
+        .err()
+        .unwrap();
+    assert_eq!(e.field.as_deref(), Some("backend"));
+    let e = throttle(json!({"rate": 2_000_000, "backend": {"redis": {}}}))
+        .err()
+        .unwrap();
+    assert_eq!(e.field.as_deref(), Some("rate"));
+    assert!(e.message.contains("1000000"), "{}", e.message);
+    let e = throttle(json!({"rate": 1, "backend": {"redis": {"nope": 1}}}))
+        .err()
+        .unwrap();
+    assert_eq!(e.field.as_deref(), Some("backend.redis.nope"));
+}

@@ -40,6 +40,11 @@ pub struct Metadata {
     pub traceparent: Option<String>,
     /// Name of the flow whose source produced the message.
     pub origin: Option<Arc<str>>,
+    /// The source delivers this message again if it is nacked (a broker redelivery with attempts
+    /// left), so a failure is not final yet: the flow's `dead_letter:` leaves it to the last
+    /// delivery and nacks instead. A source sets it on every delivery but the last; by default a
+    /// failure is dead-lettered at once.
+    pub redelivers_on_nack: bool,
 }
 
 impl Default for Metadata {
@@ -49,6 +54,7 @@ impl Default for Metadata {
             correlation_id: None,
             traceparent: None,
             origin: None,
+            redelivers_on_nack: false,
         }
     }
 }

@@ -27,13 +27,21 @@ pub type RepositoryFactory = fn(
 pub type CacheStoreFactory =
     fn(&Value, &BuildContext<'_>) -> Result<Arc<dyn crate::state::CacheStore>, BuildError>;
 
-/// A remote store a connector provides for the stateful steps (`idempotent_consumer`, `cache`).
+/// Builds a throttle's shared rate limit store from the configuration under
+/// `backend: {<name>: ...}`.
+pub type RateLimitStoreFactory =
+    fn(&Value, &BuildContext<'_>) -> Result<Arc<dyn crate::state::RateLimitStore>, BuildError>;
+
+/// A remote store a connector provides for the stateful steps (`idempotent_consumer`, `cache`,
+/// `throttle`).
 #[derive(Clone, Copy)]
 pub struct StoreBackend {
     /// Builds an idempotency repository.
     pub repository: RepositoryFactory,
     /// Builds a cache store.
     pub cache: CacheStoreFactory,
+    /// Builds a rate limit store, when the backend can keep one atomically.
+    pub rate_limit: Option<RateLimitStoreFactory>,
 }
 
 /// A registered component: its spec and how to build it.

@@ -1,5 +1,5 @@
 //! Storage behind stateful steps: the idempotent consumer's repository, the cache's store, the
-//! claim check's store and the aggregator's repository.
+//! throttle's shared rate limits, the claim check's store and the aggregator's repository.
 //!
 //! The engine ships in-memory implementations; a persistent store or a remote one (Redis) can
 //! implement the same traits. Keys are strings and lifetimes are durations so any key-value
@@ -74,6 +74,48 @@ pub trait CacheStore: Send + Sync + 'static {
 
     /// Stores `value` under `key` for `ttl`.
     async fn put(&self, key: &str, value: CachedValue, ttl: Duration) -> Result<(), ProcessError>;
+}
+
+/// A rate as the generic cell rate algorithm (GCRA) keeps it, for the `throttle` step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Time between two messages at the steady rate (`per / rate`).
+    pub interval: Duration,
+    /// How far ahead of the steady schedule a message may go (`interval * (burst - 1)`).
+    pub tolerance: Duration,
+}
+
+/// The answer to a [`RateLimitStore::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// A slot is reserved: the message may go after `wait` (zero: at once).
+    Granted {
+        /// How long until the reserved slot.
+        wait: Duration,
+    },
+    /// No slot within `max_wait`; nothing was reserved. A message could pass after `retry_after`.
+    OverRate {
+        /// How long until a slot would be free.
+        retry_after: Duration,
+    },
+}
+
+/// The state of the `throttle` step kept outside the process, so several instances share one limit.
+///
+/// # Contract
+/// * [`reserve`](Self::reserve) is atomic per key: of concurrent reservations from any number of
+///   instances, each gets its own slot, and together they never exceed `limit`.
+/// * A key whose schedule has passed may be forgotten (it is in the same state as a key never
+///   seen), so a store needs no bound on keys beyond expiry.
+#[async_trait]
+pub trait RateLimitStore: Send + Sync + 'static {
+    /// Reserves the next slot for `key` if it comes within `max_wait` of now.
+    async fn reserve(
+        &self,
+        key: &str,
+        limit: RateLimit,
+        max_wait: Duration,
+    ) -> Result<Reservation, ProcessError>;
 }
 
 /// Keeps message bodies while a claim travels instead (EIP Claim Check).

@@ -406,7 +406,14 @@ impl Flow {
                 }
             }
         }
-        if let Some(dead_letter) = &self.options.dead_letter {
+        // A source that will deliver the message again gets a nack: the dead letter is for its
+        // last delivery.
+        let redelivered = original
+            .as_ref()
+            .unwrap_or(&failure.message)
+            .meta
+            .redelivers_on_nack;
+        if let Some(dead_letter) = self.options.dead_letter.as_ref().filter(|_| !redelivered) {
             let mut letter = original.unwrap_or_else(|| failure.message.detached());
             for (name, value) in &failure.message.headers {
                 if name.starts_with("sluice.error.") || name.starts_with("sluice.retry.") {
@@ -742,5 +749,40 @@ mod tests {
         assert_eq!(letters[0].body.json().unwrap(), &json!({"n": "x"}));
         assert_eq!(letters[0].headers[headers::ERROR_STEP], "a");
         assert_eq!(letters[0].headers[headers::ERROR_FLOW], "f");
+    }
+
+    #[tokio::test]
+    async fn a_message_its_source_delivers_again_is_nacked_until_its_last_delivery() {
+        let (_, steps, _, _) = flow();
+        let captured = Captured::default();
+        let flow = Flow::with_options(
+            Arc::from("f"),
+            Pipeline::shared(Arc::clone(steps.get().unwrap())),
+            Vec::new(),
+            FlowOptions {
+                dead_letter: Some(Target {
+                    id: "dead".into(),
+                    sink: Arc::new(CaptureSink::new("dead".into(), captured.clone())),
+                }),
+                ..FlowOptions::default()
+            },
+        );
+        // Attempts left: the failure goes back to the source, no letter is written.
+        let mut msg = Message::json(json!({"n": "x"}));
+        msg.meta.redelivers_on_nack = true;
+        let (token, rx) = AckToken::channel();
+        let failure = flow.dispatch(msg.with_ack(token)).await.unwrap_err();
+        assert!(!failure.message.headers.contains_key(DEAD_LETTERED));
+        assert!(matches!(rx.await.unwrap(), Outcome::Nack(_)));
+        assert!(captured.take("dead").is_empty());
+        // The last delivery: dead-lettered with its error, and acknowledged.
+        let (token, rx) = AckToken::channel();
+        let failure = flow
+            .dispatch(Message::json(json!({"n": "x"})).with_ack(token))
+            .await
+            .unwrap_err();
+        assert_eq!(failure.message.headers[DEAD_LETTERED], "dead");
+        assert_eq!(rx.await.unwrap(), Outcome::Ack);
+        assert_eq!(captured.take("dead")[0].headers[headers::ERROR_STEP], "a");
     }
 }

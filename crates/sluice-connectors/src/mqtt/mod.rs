@@ -1,12 +1,14 @@
-//! MQTT 3.1.1 (Mosquitto and others) on rumqttc: the `mqtt` source (persistent sessions, acks
-//! after the flow commits) and the `mqtt` sink (QoS, retain, `Ok` only after PUBACK/PUBCOMP).
+//! MQTT 3.1.1 and 5 (Mosquitto and others) on rumqttc: the `mqtt` source (persistent sessions,
+//! acks after the flow commits) and the `mqtt` sink (QoS, retain, `Ok` only after
+//! PUBACK/PUBCOMP). `client.rs` puts both protocol versions behind one API.
 
+pub mod client;
 pub mod sink;
 pub mod source;
 
 use std::time::Duration;
 
-use rumqttc::{MqttOptions, QoS};
+use rumqttc::QoS;
 use sluice_core::BuildError;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{FieldSpec, FieldType};
@@ -84,18 +86,10 @@ impl Broker {
     pub fn what(&self) -> String {
         format!("MQTT broker at mqtt://{}:{}", self.host, self.port)
     }
-
-    /// Client options for this broker.
-    pub fn options(&self, client_id: &str, keep_alive: Duration) -> MqttOptions {
-        let mut options = MqttOptions::new(client_id, self.host.clone(), self.port);
-        options.set_keep_alive(keep_alive.max(Duration::from_secs(1)));
-        options.set_max_packet_size(MAX_PACKET, MAX_PACKET);
-        if let Some((user, password)) = &self.credentials {
-            options.set_credentials(user.clone(), password.clone());
-        }
-        options
-    }
 }
+
+/// The message header that carries an MQTT 5 content type (the name HTTP components use).
+pub const CONTENT_TYPE: &str = "content-type";
 
 /// Largest packet sent or received (the body plus the topic and a few bytes).
 pub const MAX_PACKET: usize = 16 << 20;

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, Outgoing, QoS};
+use rumqttc::QoS;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;
@@ -25,24 +25,31 @@ use sluice_core::{BuildContext, BuildError, ErrorKind, HealthHandle, Message, Pr
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Broker, check_client_id, qos};
+use super::client::{self, Client, Event, EventLoop, Properties, Protocol};
+use super::{Broker, CONTENT_TYPE, check_client_id, qos};
 use crate::reconnect::Backoff;
 use crate::template::Template;
 
 const DESCRIPTION: &str = "\
 Publishes each message's body to the topic `topic` (`{header}` placeholders are filled from \
 message headers, e.g. `devices/{device}/commands`; a missing header fails the message with \
-`invalid_input`) on an MQTT 3.1.1 broker, with QoS `qos` and the `retain` flag.
+`invalid_input`) on an MQTT 3.1.1 or MQTT 5 (`protocol: \"5\"`) broker, with QoS `qos` and the \
+`retain` flag.
+
+Headers (MQTT 5): every message header except `mqtt.*` and `content-type` is sent as a user \
+property of the same name; the `content-type` header (else `content_type`) is sent as the \
+content type. MQTT 3.1.1 has no properties: headers are not sent.
 
 **Delivery guarantee.** QoS 1 and 2: at-least-once; a message counts as delivered only after the \
 broker's PUBACK (QoS 1) or PUBCOMP (QoS 2). Concurrent deliveries are pipelined on one \
 connection, up to `max_inflight` at once. When the connection fails, every delivery waiting for its acknowledgement fails with \
 `unavailable` (it may or may not have reached the broker: a retry can publish it twice); no \
-acknowledgement within `publish_timeout` is `timeout`. QoS 0: the message counts as delivered \
+acknowledgement within `publish_timeout` is `timeout`. An MQTT 5 broker that refuses a message \
+(a PUBACK or PUBREC reason code such as `NotAuthorized` or `QuotaExceeded`) fails it with \
+`remote`. QoS 0: the message counts as delivered \
 once it is written to the connection (at-most-once).
 
-**Limits.** MQTT 3.1.1 only (message headers are not sent: 3.1.1 has no properties), no TLS yet \
-(`mqtt://` only). One connection per sink, made on first use and again after a failure \
+**Limits.** No TLS yet (`mqtt://` only). One connection per sink, made on first use and again after a failure \
 (attempts back off up to 1s; meanwhile deliveries fail fast with `unavailable` and the flow \
 reports unhealthy). A rendered topic must not be empty or contain the wildcards `+` or `#` \
 (`invalid_input`). Payloads over 16 MiB are refused.";
@@ -74,6 +81,12 @@ pub fn spec() -> ComponentSpec {
         FieldType::String,
         "Client id; default `sluice-<uuid>` (new for every connection). Set it only if the broker's ACL needs it; it must be unique among clients.",
     ))
+    .field(client::protocol_field())
+    .field(FieldSpec::new(
+        "content_type",
+        FieldType::String,
+        "MQTT 5 only: content type for messages without a `content-type` header, e.g. `application/json`.",
+    ))
     .field(super::keep_alive_field())
     .field(
         FieldSpec::new(
@@ -104,6 +117,10 @@ pub fn spec() -> ComponentSpec {
         "The latest status of each site, retained",
         "url: mqtt://sluice:s3cret@broker:1883\ntopic: \"sites/{site}/status\"\nretain: true\n",
     )
+    .example(
+        "MQTT 5: headers as user properties, JSON content type",
+        "url: mqtt://127.0.0.1:1883\ntopic: \"orders/{region}\"\nprotocol: \"5\"\ncontent_type: application/json\n",
+    )
 }
 
 /// Configuration of the `mqtt` sink.
@@ -123,6 +140,12 @@ pub struct MqttSinkConfig {
     /// Client id.
     #[serde(default)]
     pub client_id: Option<String>,
+    /// Protocol version.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// MQTT 5 default content type.
+    #[serde(default)]
+    pub content_type: Option<String>,
     /// Keep alive.
     #[serde(default = "super::default_keep_alive")]
     pub keep_alive: HumanDuration,
@@ -141,7 +164,16 @@ fn default_max_inflight() -> u16 {
     20
 }
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+/// Why a delivery failed after its publish was queued.
+#[derive(Debug, Clone)]
+enum Failed {
+    /// The connection failed (the message may or may not have reached the broker).
+    Connection(String),
+    /// The broker refused the message (an MQTT 5 reason code).
+    Refused(String),
+}
+
+type Waiter = oneshot::Sender<Result<(), Failed>>;
 
 /// Deliveries waiting for the event loop, shared with its driver task.
 #[derive(Default)]
@@ -156,11 +188,11 @@ struct Waiting {
 impl Waiting {
     fn fail_all(&mut self, reason: &str) {
         for w in self.queued.drain(..) {
-            let _ = w.send(Err(reason.to_owned()));
+            let _ = w.send(Err(Failed::Connection(reason.to_owned())));
         }
         for (_, ws) in self.sent.drain() {
             for w in ws {
-                let _ = w.send(Err(reason.to_owned()));
+                let _ = w.send(Err(Failed::Connection(reason.to_owned())));
             }
         }
     }
@@ -178,7 +210,7 @@ struct Shared {
 
 /// One client and its event loop (driven by its own task).
 struct Session {
-    client: AsyncClient,
+    client: Client,
     shared: Arc<Shared>,
     /// Keeps publishes and waiters in the same order.
     order: tokio::sync::Mutex<()>,
@@ -195,6 +227,8 @@ impl Drop for Session {
 pub struct MqttSink {
     broker: Broker,
     client_id: Option<String>,
+    protocol: Protocol,
+    content_type: Option<String>,
     topic: Template,
     qos: QoS,
     retain: bool,
@@ -251,12 +285,20 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Bu
     if c.keep_alive.0 < Duration::from_secs(1) {
         return Err(BuildError::field("keep_alive", "must be at least 1s"));
     }
+    if c.content_type.is_some() && c.protocol != Protocol::V5 {
+        return Err(BuildError::field(
+            "content_type",
+            "is an MQTT 5 property; add `protocol: \"5\"` or remove it",
+        ));
+    }
     if c.max_inflight == 0 {
         return Err(BuildError::field("max_inflight", "must be at least 1"));
     }
     Ok(Arc::new(MqttSink {
         broker,
         client_id: c.client_id,
+        protocol: c.protocol,
+        content_type: c.content_type,
         topic,
         qos: qos(c.qos)?,
         retain: c.retain,
@@ -288,6 +330,7 @@ impl Sink for MqttSink {
                 "the topic `{topic}` is empty or holds a wildcard (`+`, `#`); fix the header it is made from"
             )));
         }
+        let properties = self.properties(msg);
         let session = self.session().await?;
         let (tx, rx) = oneshot::channel();
         {
@@ -295,7 +338,13 @@ impl Sink for MqttSink {
             lock(&session.shared.waiting).queued.push_back(tx);
             let sent = session
                 .client
-                .publish_bytes(topic, self.qos, self.retain, msg.body.as_bytes().clone())
+                .publish(
+                    topic,
+                    self.qos,
+                    self.retain,
+                    msg.body.as_bytes().clone(),
+                    properties,
+                )
                 .await;
             if sent.is_err() {
                 // Never entered the queue: take its waiter back (it is the last one, under the
@@ -306,7 +355,14 @@ impl Sink for MqttSink {
         }
         match tokio::time::timeout(self.publish_timeout, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(reason))) => Err(self.unavailable(&reason)),
+            Ok(Ok(Err(Failed::Connection(reason)))) => Err(self.unavailable(&reason)),
+            Ok(Ok(Err(Failed::Refused(reason)))) => Err(ProcessError::new(
+                ErrorKind::Remote,
+                format!(
+                    "{} refused the message: {reason}; check the broker's ACL and limits for this topic",
+                    self.broker.what()
+                ),
+            )),
             Ok(Err(_)) => Err(self.unavailable("the connection was closed")),
             Err(_) => Err(ProcessError::new(
                 ErrorKind::Timeout,
@@ -329,6 +385,27 @@ fn lock(waiting: &Mutex<Waiting>) -> std::sync::MutexGuard<'_, Waiting> {
 }
 
 impl MqttSink {
+    /// The MQTT 5 properties of `msg`: its headers (not `mqtt.*`, which describe where a received
+    /// message came from) as user properties and its content type.
+    fn properties(&self, msg: &Message) -> Properties {
+        if self.protocol != Protocol::V5 {
+            return Properties::default();
+        }
+        Properties {
+            user_properties: msg
+                .headers
+                .iter()
+                .filter(|(name, _)| !name.starts_with("mqtt.") && *name != CONTENT_TYPE)
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            content_type: msg
+                .headers
+                .get(CONTENT_TYPE)
+                .or(self.content_type.as_ref())
+                .cloned(),
+        }
+    }
+
     fn unavailable(&self, reason: &str) -> ProcessError {
         ProcessError::new(
             ErrorKind::Unavailable,
@@ -369,11 +446,19 @@ impl MqttSink {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("sluice-{}", uuid::Uuid::now_v7().simple()));
-        let mut options = self.broker.options(&client_id, self.keep_alive);
-        options
-            .set_clean_session(true)
-            .set_inflight(self.max_inflight);
-        let (client, eventloop) = AsyncClient::new(options, 256);
+        let (client, eventloop) = client::connect(
+            &self.broker,
+            self.protocol,
+            &client::Session {
+                client_id,
+                keep_alive: self.keep_alive,
+                clean_start: true,
+                session_expiry: 0,
+                manual_acks: false,
+                inflight: Some(self.max_inflight),
+            },
+            256,
+        );
         let shared = Arc::new(Shared {
             alive: AtomicBool::new(true),
             ..Shared::default()
@@ -415,11 +500,11 @@ async fn drive(
 ) {
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+            Ok(Event::Connected { .. }) => {
                 shared.connected.store(true, Ordering::SeqCst);
                 health.healthy();
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Ok(Event::PublishSent(pkid)) => {
                 let mut w = lock(&shared.waiting);
                 if let Some(waiter) = w.queued.pop_front() {
                     if qos == QoS::AtMostOnce {
@@ -429,11 +514,14 @@ async fn drive(
                     }
                 }
             }
-            Ok(Event::Incoming(Incoming::PubAck(ack))) if qos == QoS::AtLeastOnce => {
-                resolve(&shared.waiting, ack.pkid);
+            Ok(Event::PubAck(pkid, result)) if qos == QoS::AtLeastOnce => {
+                resolve(&shared.waiting, pkid, result);
             }
-            Ok(Event::Incoming(Incoming::PubComp(comp))) if qos == QoS::ExactlyOnce => {
-                resolve(&shared.waiting, comp.pkid);
+            // A refused QoS 2 publish ends at its PUBREC: no PUBCOMP follows.
+            Ok(Event::PubRec(pkid, result @ Err(_)) | Event::PubComp(pkid, result))
+                if qos == QoS::ExactlyOnce =>
+            {
+                resolve(&shared.waiting, pkid, result);
             }
             Ok(_) => {}
             Err(error) => {
@@ -453,11 +541,11 @@ async fn drive(
     }
 }
 
-fn resolve(waiting: &Mutex<Waiting>, pkid: u16) {
+fn resolve(waiting: &Mutex<Waiting>, pkid: u16, result: Result<(), String>) {
     let mut w = lock(waiting);
     if let Some(queue) = w.sent.get_mut(&pkid) {
         if let Some(waiter) = queue.pop_front() {
-            let _ = waiter.send(Ok(()));
+            let _ = waiter.send(result.map_err(Failed::Refused));
         }
         if queue.is_empty() {
             w.sent.remove(&pkid);

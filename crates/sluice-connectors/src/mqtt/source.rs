@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rumqttc::{
-    AsyncClient, Event, Incoming, Outgoing, Publish, QoS, SubscribeFilter, SubscribeReasonCode,
-};
+use rumqttc::QoS;
 use serde::Deserialize;
 use serde_json::Value;
 use sluice_core::duration::HumanDuration;
@@ -24,22 +22,26 @@ use sluice_core::{
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use super::client::{self, Client, Event, Protocol, Received};
 use super::{Broker, check_client_id, qos, qos_number};
 use crate::reconnect::Backoff;
 
 const DESCRIPTION: &str = "\
-Subscribes to the topic filters in `topics` (wildcards `+` and `#` allowed) on an MQTT 3.1.1 \
-broker and turns each published message into a message whose body is the payload. Messages are \
-handed to the flow in arrival order.
+Subscribes to the topic filters in `topics` (wildcards `+` and `#` allowed) on an MQTT 3.1.1 or \
+MQTT 5 (`protocol: \"5\"`) broker and turns each published message into a message whose body is \
+the payload. Messages are handed to the flow in arrival order.
 
 Headers: `mqtt.topic` (the concrete topic the message was published to, also for wildcard \
 subscriptions), `mqtt.qos` (the delivery QoS: the lower of the publisher's and `qos`), \
 `mqtt.retain` (`true` for a retained message sent on subscribing) and `mqtt.dup` (`true` when the \
-broker delivers it again).
+broker delivers it again). With MQTT 5, every user property becomes a header of the same name \
+(the first value of a repeated one; `mqtt.*` names are left to the source) and the content type \
+becomes `content-type`.
 
 The session is persistent by default (`clean_session: false`) under the stable `client_id`: \
 the broker keeps the subscriptions and queues QoS 1 and 2 messages published while Sluice is \
-down, and delivers them when it reconnects.
+down, and delivers them when it reconnects. With MQTT 5 the session lasts `session_expiry` after \
+a disconnect (by default it never expires, as in 3.1.1).
 
 **Delivery guarantee.** at-least-once for QoS 1 and 2: a message is acknowledged (PUBACK, or \
 PUBREC for QoS 2) only after every target committed it. A message the flow fails is not \
@@ -48,7 +50,7 @@ client id) and the broker delivers every unacknowledged message again with `mqtt
 including other messages still in flight then: expect duplicates and make targets idempotent. \
 QoS 0 messages are at-most-once: a message lost in a crash or a failed flow is gone.
 
-**Limits.** MQTT 3.1.1 only (no v5 properties or user headers), no TLS yet (`mqtt://` only). \
+**Limits.** No TLS yet (`mqtt://` only). \
 Two processes must not share a `client_id` (the broker disconnects the older one). How many \
 unacknowledged messages the broker sends at once is the broker's setting (Mosquitto: \
 `max_inflight_messages`, 20 by default). With `clean_session: true` nothing is kept while \
@@ -92,6 +94,13 @@ pub fn spec() -> ComponentSpec {
         )
         .default_value(false),
     )
+    .field(FieldSpec::new(
+        "session_expiry",
+        FieldType::Duration,
+        "MQTT 5 only: how long the broker keeps the persistent session (subscriptions and queued \
+         messages) after a disconnect; default never expires. Whole seconds.",
+    ))
+    .field(client::protocol_field())
     .field(super::keep_alive_field())
     .field(
         FieldSpec::new(
@@ -105,6 +114,10 @@ pub fn spec() -> ComponentSpec {
     .example(
         "Sensor readings from every site, at least once",
         "url: mqtt://127.0.0.1:1883\ntopics: [\"sites/+/temperature\", \"alerts/#\"]\nqos: 1\nclient_id: sluice-telemetry\n",
+    )
+    .example(
+        "MQTT 5: user properties as headers, the session kept for a day",
+        "url: mqtt://127.0.0.1:1883\ntopics: \"orders/#\"\nprotocol: \"5\"\nclient_id: sluice-orders\nsession_expiry: 1d\n",
     )
 }
 
@@ -125,6 +138,12 @@ pub struct MqttSourceConfig {
     /// Clean session.
     #[serde(default)]
     pub clean_session: bool,
+    /// MQTT 5 session expiry.
+    #[serde(default)]
+    pub session_expiry: Option<HumanDuration>,
+    /// Protocol version.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Keep alive.
     #[serde(default = "super::default_keep_alive")]
     pub keep_alive: HumanDuration,
@@ -155,6 +174,8 @@ pub struct MqttSource {
     filters: Vec<String>,
     qos: QoS,
     clean_session: bool,
+    session_expiry: u32,
+    protocol: Protocol,
     keep_alive: Duration,
     redelivery_delay: Duration,
 }
@@ -190,20 +211,57 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Box<dyn Source>, 
     if c.keep_alive.0 < Duration::from_secs(1) {
         return Err(BuildError::field("keep_alive", "must be at least 1s"));
     }
+    let session_expiry = session_expiry(c.session_expiry, c.protocol, c.clean_session)?;
     Ok(Box::new(MqttSource {
         broker,
         client_id,
         filters,
         qos: qos(c.qos)?,
         clean_session: c.clean_session,
+        session_expiry,
+        protocol: c.protocol,
         keep_alive: c.keep_alive.0,
         redelivery_delay: c.redelivery_delay.0,
     }))
 }
 
+/// The MQTT 5 session expiry interval in seconds: `u32::MAX` (never) by default, 0 for a clean
+/// session.
+fn session_expiry(
+    configured: Option<HumanDuration>,
+    protocol: Protocol,
+    clean_session: bool,
+) -> Result<u32, BuildError> {
+    let Some(HumanDuration(expiry)) = configured else {
+        return Ok(if clean_session { 0 } else { u32::MAX });
+    };
+    if protocol != Protocol::V5 {
+        return Err(BuildError::field(
+            "session_expiry",
+            "is an MQTT 5 setting; add `protocol: \"5\"` or remove it (an MQTT 3.1.1 persistent session never expires)",
+        ));
+    }
+    if clean_session {
+        return Err(BuildError::field(
+            "session_expiry",
+            "has no effect with `clean_session: true`, which keeps nothing after a disconnect; remove one of them",
+        ));
+    }
+    if expiry < Duration::from_secs(1) {
+        return Err(BuildError::field(
+            "session_expiry",
+            "must be at least 1s; for a session that ends with the connection use `clean_session: true`",
+        ));
+    }
+    // u32::MAX seconds means "never" on the wire; anything longer is the same in practice.
+    Ok(u32::try_from(expiry.as_secs())
+        .unwrap_or(u32::MAX - 1)
+        .min(u32::MAX - 1))
+}
+
 /// State shared by the poll loop and the tasks settling messages.
 struct Shared {
-    client: AsyncClient,
+    client: Client,
     /// A session resume was asked for (a failed message) and not done yet.
     resume_requested: AtomicBool,
 }
@@ -213,11 +271,19 @@ impl Source for MqttSource {
     async fn run(self: Box<Self>, ctx: SourceContext) -> Result<(), SourceError> {
         let health = HealthHandle::for_source(&ctx);
         let what = self.broker.what();
-        let mut options = self.broker.options(&self.client_id, self.keep_alive);
-        options
-            .set_clean_session(self.clean_session)
-            .set_manual_acks(true);
-        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let (client, mut eventloop) = client::connect(
+            &self.broker,
+            self.protocol,
+            &client::Session {
+                client_id: self.client_id.clone(),
+                keep_alive: self.keep_alive,
+                clean_start: self.clean_session,
+                session_expiry: self.session_expiry,
+                manual_acks: true,
+                inflight: None,
+            },
+            256,
+        );
         let shared = Arc::new(Shared {
             client,
             resume_requested: AtomicBool::new(false),
@@ -225,18 +291,13 @@ impl Source for MqttSource {
         // Publishes go to a dispatcher task in arrival order, so the poll loop never waits for
         // the flow (it must keep answering pings). The broker bounds how many QoS 1/2 messages
         // are unacknowledged, which bounds this queue.
-        let (tx, rx) = mpsc::unbounded_channel::<Publish>();
+        let (tx, rx) = mpsc::unbounded_channel::<Received>();
         let dispatcher = tokio::spawn(dispatch_loop(
             rx,
             ctx.clone(),
             Arc::clone(&shared),
             self.redelivery_delay,
         ));
-        let subscriptions: Vec<SubscribeFilter> = self
-            .filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), self.qos))
-            .collect();
         let mut backoff = Backoff::default();
         let mut phase = Phase::Running { tx, dispatcher };
         loop {
@@ -273,40 +334,38 @@ impl Source for MqttSource {
                 Step::Stop => break,
             };
             match event {
-                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
+                Ok(Event::Connected { session_present }) => {
                     if backoff.failures() > 0 {
                         tracing::info!(flow = %ctx.flow, broker = %what, "connected again");
                     }
                     backoff.reset();
                     health.healthy();
-                    tracing::debug!(flow = %ctx.flow, broker = %what, session_present = ack.session_present, "connected");
+                    tracing::debug!(flow = %ctx.flow, broker = %what, session_present, "connected");
                     // Subscribing again on a resumed session is harmless and picks up changed
                     // filters. Not awaited here: this loop drains the request queue.
                     let client = shared.client.clone();
-                    let subs = subscriptions.clone();
+                    let filters = self.filters.clone();
+                    let qos = self.qos;
                     tokio::spawn(async move {
-                        let _ = client.subscribe_many(subs).await;
+                        let _ = client.subscribe(&filters, qos).await;
                     });
                 }
-                Ok(Event::Incoming(Incoming::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
+                Ok(Event::Subscribed { refused }) => {
+                    if !refused.is_empty() {
                         health.unhealthy(format!(
-                            "{what} refused the subscription to {:?} (check the broker's ACL); retrying on reconnect",
-                            self.filters
+                            "{what} refused the subscription to {:?} ({}; check the broker's ACL); retrying on reconnect",
+                            self.filters,
+                            refused.join(", ")
                         ));
-                        tracing::warn!(flow = %ctx.flow, broker = %what, filters = ?self.filters, "subscription refused");
+                        tracing::warn!(flow = %ctx.flow, broker = %what, filters = ?self.filters, ?refused, "subscription refused");
                     }
                 }
-                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                Ok(Event::Message(received)) => {
                     if let Phase::Running { tx, .. } = &phase {
-                        let _ = tx.send(publish);
+                        let _ = tx.send(*received);
                     }
                 }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) if matches!(phase, Phase::Closing(_)) => {
+                Ok(Event::DisconnectSent) if matches!(phase, Phase::Closing(_)) => {
                     break;
                 }
                 Ok(_) => {}
@@ -356,7 +415,7 @@ impl Source for MqttSource {
 
 /// What the poll loop does next.
 enum Step {
-    Event(Result<Event, rumqttc::ConnectionError>),
+    Event(Result<Event, client::ConnectionError>),
     Drain,
     Close,
     Stop,
@@ -366,7 +425,7 @@ enum Step {
 enum Phase {
     /// Taking messages.
     Running {
-        tx: mpsc::UnboundedSender<Publish>,
+        tx: mpsc::UnboundedSender<Received>,
         dispatcher: tokio::task::JoinHandle<()>,
     },
     /// Shutting down: waiting for the messages in flight to be settled.
@@ -387,7 +446,7 @@ impl Phase {
 
 /// Admits publishes to the flow in arrival order and settles them when their outcome comes.
 async fn dispatch_loop(
-    mut rx: mpsc::UnboundedReceiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<Received>,
     ctx: SourceContext,
     shared: Arc<Shared>,
     redelivery_delay: Duration,
@@ -395,11 +454,7 @@ async fn dispatch_loop(
     let mut in_flight = JoinSet::new();
     while let Some(publish) = rx.recv().await {
         while in_flight.try_join_next().is_some() {}
-        let mut msg = Message::new(Body::from_bytes(publish.payload.clone()))
-            .with_header("mqtt.topic", publish.topic.clone())
-            .with_header("mqtt.qos", qos_number(publish.qos).to_string())
-            .with_header("mqtt.retain", publish.retain.to_string())
-            .with_header("mqtt.dup", publish.dup.to_string());
+        let mut msg = message_of(&publish);
         msg.meta.origin = Some(Arc::clone(&ctx.flow));
         let (token, outcome) = AckToken::channel();
         let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
@@ -416,17 +471,35 @@ async fn dispatch_loop(
     while in_flight.join_next().await.is_some() {}
 }
 
+/// The message for a received publish; see the description for the headers.
+fn message_of(publish: &Received) -> Message {
+    let mut msg = Message::new(Body::from_bytes(publish.payload.clone()));
+    for (name, value) in &publish.user_properties {
+        if !name.starts_with("mqtt.") && !msg.headers.contains_key(name) {
+            msg.headers.insert(name.clone(), value.clone());
+        }
+    }
+    if let Some(content_type) = &publish.content_type {
+        msg.headers
+            .insert(super::CONTENT_TYPE.to_owned(), content_type.clone());
+    }
+    msg.with_header("mqtt.topic", publish.topic.clone())
+        .with_header("mqtt.qos", qos_number(publish.qos).to_string())
+        .with_header("mqtt.retain", publish.retain.to_string())
+        .with_header("mqtt.dup", publish.dup.to_string())
+}
+
 async fn settle(
     shared: &Shared,
-    publish: &Publish,
+    publish: &Received,
     outcome: Outcome,
     flow: &str,
     redelivery_delay: Duration,
 ) {
     match outcome {
         Outcome::Ack => {
-            if let Err(error) = shared.client.ack(publish).await {
-                tracing::debug!(flow, topic = %publish.topic, %error, "cannot acknowledge; the broker will deliver the message again");
+            if shared.client.ack(publish).await.is_err() {
+                tracing::debug!(flow, topic = %publish.topic, "cannot acknowledge (the connection is closed); the broker will deliver the message again");
             }
         }
         Outcome::Nack(reason) if publish.qos == QoS::AtMostOnce => {

@@ -60,10 +60,13 @@ so a message published by the `jetstream` sink keeps its id across the hop.
 **Delivery guarantee.** at-least-once: a message is acknowledged to the server only after every \
 target committed it (double ack: the server confirmed the ack). When the flow fails it, the \
 message is negatively acknowledged and redelivered after `nak_delay`, doubling with each \
-delivery (at most 5 minutes); its last allowed delivery (`max_deliver`) that fails too is \
-terminated (`+TERM`), so the server stops redelivering it. To keep such messages, give the flow \
-a `dead_letter:` (for example `dead_letter_store`): the flow's error handling writes the dead \
-letter first and the message is then acknowledged. A message whose processing outlasts \
+delivery (at most 5 minutes). With a `dead_letter:` on the flow (for example \
+`dead_letter_store`), failures before the last allowed delivery (`max_deliver`, as the consumer \
+on the server has it) are nacked and redelivered, and the last one goes to the dead letter with \
+its error headers; once the letter is written the message is acknowledged. Without one (or if \
+writing the letter fails), the last delivery that fails too is terminated (`+TERM`) and the \
+server stops redelivering it. A consumer with unlimited deliveries (`max_deliver: -1`, set on \
+the server) redelivers a failing message for ever and never dead-letters it. A message whose processing outlasts \
 `ack_wait` (or a crash) is redelivered by the server; make targets idempotent.
 
 **Limits.** At most `prefetch` messages are unacknowledged at once: the source pulls only as \
@@ -156,6 +159,9 @@ fn check_name(field: &str, name: &str) -> Result<(), BuildError> {
 
 struct JetStreamSource {
     c: SourceConfig,
+    /// Deliveries of one message as the consumer on the server has them (an existing consumer
+    /// keeps its own setting); below 1 for no limit.
+    max_deliver: std::sync::atomic::AtomicI64,
 }
 
 /// Builds the `jetstream` source.
@@ -185,7 +191,10 @@ pub fn build_source(
     if c.prefetch == 0 {
         return Err(BuildError::field("prefetch", "must be at least 1"));
     }
-    Ok(Box::new(JetStreamSource { c }))
+    Ok(Box::new(JetStreamSource {
+        max_deliver: std::sync::atomic::AtomicI64::new(c.max_deliver),
+        c,
+    }))
 }
 
 impl JetStreamSource {
@@ -268,7 +277,7 @@ fn settlement(
 ) -> Settlement {
     match outcome {
         Outcome::Ack => Settlement::Ack,
-        Outcome::Nack(_) if delivered >= max_deliver => Settlement::Term,
+        Outcome::Nack(_) if max_deliver > 0 && delivered >= max_deliver => Settlement::Term,
         Outcome::Nack(_) => {
             let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
             Settlement::Nak(nak_delay.saturating_mul(1 << doublings).min(MAX_NAK_DELAY))
@@ -292,6 +301,10 @@ impl Source for JetStreamSource {
             let Some((_client, consumer)) = opened else {
                 break;
             };
+            self.max_deliver.store(
+                consumer.cached_info().config.max_deliver,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             tracing::info!(flow = %ctx.flow, stream = %self.c.stream, consumer = %self.c.consumer, service = %what, "consuming");
             loop {
                 while in_flight.try_join_next().is_some() {}
@@ -366,20 +379,21 @@ impl JetStreamSource {
         ctx: &SourceContext,
         in_flight: &mut JoinSet<()>,
     ) {
-        let (msg, delivered) = to_message(&incoming);
+        let (mut msg, delivered) = to_message(&incoming);
+        let max_deliver = self.max_deliver.load(std::sync::atomic::Ordering::Relaxed);
+        // Attempts left (or no limit): a failure is nacked and comes again, so the flow's dead
+        // letter waits for the last delivery.
+        msg.meta.redelivers_on_nack = max_deliver < 1 || delivered < max_deliver;
         let (token, outcome) = AckToken::channel();
         let work = Arc::clone(&ctx.dispatcher).admit(msg.with_ack(token)).await;
-        let (max_deliver, nak_delay, flow) = (
-            self.c.max_deliver,
-            self.c.nak_delay.0,
-            Arc::clone(&ctx.flow),
-        );
+        let (nak_delay, flow) = (self.c.nak_delay.0, Arc::clone(&ctx.flow));
         in_flight.spawn(async move {
             let _ = work.await;
             let outcome = outcome
                 .await
                 .unwrap_or_else(|_| Outcome::Nack(sluice_core::ack::DROPPED_UNRESOLVED.into()));
             let answer = settlement(&outcome, delivered, max_deliver, nak_delay);
+
             let result = match &answer {
                 Settlement::Ack => incoming.double_ack().await,
                 Settlement::Nak(delay) => incoming.ack_with(AckKind::Nak(Some(*delay))).await,
@@ -651,6 +665,8 @@ mod tests {
             settlement(&nack, 30, 100, d),
             Settlement::Nak(MAX_NAK_DELAY)
         );
+        // A consumer without a delivery limit (set on the server) never terminates.
+        assert_eq!(settlement(&nack, 50, -1, d), Settlement::Nak(MAX_NAK_DELAY));
     }
 
     #[test]

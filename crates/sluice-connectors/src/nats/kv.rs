@@ -179,11 +179,13 @@ fn build(config: &serde_json::Value, ctx: &BuildContext<'_>) -> Result<NatsKv, B
     Ok(NatsKv::new(options, HealthHandle::for_component(ctx)))
 }
 
-/// The `nats_kv` store backend for `idempotent_consumer` and `cache`.
+/// The `nats_kv` store backend for `idempotent_consumer` and `cache` (not `throttle`: a GCRA
+/// reservation is a read-modify-write that KV could only do with a compare-and-swap loop).
 pub fn backend() -> StoreBackend {
     StoreBackend {
         repository: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
         cache: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
+        rate_limit: None,
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod command;
 pub mod list;
 pub mod pubsub;
+pub mod rate_limit;
 pub mod store;
 pub mod stream;
 

@@ -47,7 +47,7 @@ impl RedisStore {
     }
 }
 
-/// `backend: {redis: {...}}` of an `idempotent_consumer` or a `cache`.
+/// `backend: {redis: {...}}` of an `idempotent_consumer`, a `cache` or a `throttle`.
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendConfig {
@@ -66,11 +66,18 @@ fn build(config: &serde_json::Value, ctx: &BuildContext<'_>) -> Result<RedisStor
     RedisStore::new(&c.url, &prefix, HealthHandle::for_component(ctx))
 }
 
-/// The `redis` store backend for `idempotent_consumer` and `cache`.
+/// The `redis` store backend for `idempotent_consumer`, `cache` and `throttle`.
 pub fn backend() -> StoreBackend {
     StoreBackend {
         repository: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
         cache: |config, ctx| Ok(Arc::new(build(config, ctx)?)),
+        rate_limit: Some(|config, ctx| {
+            let store = build(config, ctx)?;
+            Ok(Arc::new(super::rate_limit::RedisRateLimit::new(
+                store.prefix,
+                store.conn,
+            )))
+        }),
     }
 }
 

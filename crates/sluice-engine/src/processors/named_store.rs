@@ -85,16 +85,16 @@ same value everywhere, or leave it out here",
 
 /// The remote store a step asked for with `backend: {<name>: {...}}`, built by the connector
 /// that registered `<name>`; `None` when the in-memory store is used instead (no `backend`, or a
-/// flow test). `pick` chooses the factory of the store's kind.
+/// flow test). `pick` chooses the factory of the store's kind; a backend without one is a build
+/// error.
 pub(crate) fn remote<S: ?Sized>(
     ctx: &sluice_core::BuildContext<'_>,
     backend: Option<&serde_json::Value>,
     pick: impl FnOnce(
         sluice_core::registry::StoreBackend,
-    ) -> fn(
-        &serde_json::Value,
-        &sluice_core::BuildContext<'_>,
-    ) -> Result<Arc<S>, BuildError>,
+    ) -> Option<
+        fn(&serde_json::Value, &sluice_core::BuildContext<'_>) -> Result<Arc<S>, BuildError>,
+    >,
 ) -> Result<Option<Arc<S>>, BuildError> {
     let Some(backend) = backend else {
         return Ok(None);
@@ -110,15 +110,23 @@ pub(crate) fn remote<S: ?Sized>(
         ));
     };
     match ctx.steps.store_backend(name) {
-        Ok(Some(found)) => (pick(found))(config, ctx).map(Some).map_err(|e| {
-            BuildError::field(
-                format!(
-                    "backend.{name}{}",
-                    e.field.map(|f| format!(".{f}")).unwrap_or_default()
-                ),
-                e.message,
-            )
-        }),
+        Ok(Some(found)) => {
+            let Some(factory) = pick(found) else {
+                return Err(BuildError::field(
+                    "backend",
+                    format!("the `{name}` store cannot back this step; choose another backend"),
+                ));
+            };
+            factory(config, ctx).map(Some).map_err(|e| {
+                BuildError::field(
+                    format!(
+                        "backend.{name}{}",
+                        e.field.map(|f| format!(".{f}")).unwrap_or_default()
+                    ),
+                    e.message,
+                )
+            })
+        }
         Ok(None) => Ok(None),
         Err(known) if known.is_empty() => Err(BuildError::field(
             "backend",

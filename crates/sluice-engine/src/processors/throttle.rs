@@ -10,12 +10,13 @@ use serde_json::Value;
 use sluice_core::component::JqProgram;
 use sluice_core::duration::HumanDuration;
 use sluice_core::spec::{ComponentKind, ComponentSpec, FieldSpec, FieldType};
+use sluice_core::state::{RateLimit, RateLimitStore, Reservation};
 use sluice_core::{
     BuildContext, BuildError, ErrorKind, Failure, Message, Outputs, ProcessError, Processor,
 };
 use tokio::time::Instant;
 
-use super::{common, message_key};
+use super::{common, message_key, named_store};
 
 /// The header set on a message the throttle rejects: milliseconds until it would be let through.
 pub const RETRY_AFTER_HEADER: &str = "sluice.retry_after_ms";
@@ -44,8 +45,16 @@ missing key is `invalid_input`) each key has its own rate. At most `max_keys` ke
 key whose slot has passed carries no state and is forgotten first; when `max_keys` keys are all \
 active, a message with a new key fails with `rejected` (a new key is never let through \
 unthrottled).\n\n\
-The limit applies to this step in this process; several replicas each apply it. A message \
-cancelled while waiting (a timeout around the step, shutdown) gives up its slot to no one.",
+The limit applies to this step in this process; several replicas each apply it, unless they \
+share it through `backend`. A message cancelled while waiting (a timeout around the step, \
+shutdown) gives up its slot to no one.\n\n\
+**Shared limit.** With `backend: {redis: {url, prefix}}` the schedules live in Redis (one key per \
+throttled key, `prefix` + key, default prefix `sluice:<flow>:<step>:`, expiring once its \
+schedule has passed) and a Lua script reserves each slot atomically on Redis's clock, so every \
+instance using the same prefix shares one limit. `max_keys` does not apply (Redis forgets idle \
+keys by expiry), the rate is kept to the microsecond (at most 1000000 per second), and when \
+Redis cannot be reached the message fails with `unavailable` (retryable) rather than passing \
+unthrottled. Flow tests use the in-memory state.",
     )
     .field(
         FieldSpec::new("rate", FieldType::Integer { min: Some(1), max: None }, "How many messages may pass per `per`.")
@@ -80,6 +89,11 @@ cancelled while waiting (a timeout around the step, shutdown) gives up its slot 
         FieldSpec::new("max_keys", FieldType::Integer { min: Some(1), max: None }, "Most keys tracked at once with `key`.")
             .default_value(10_000),
     )
+    .field(FieldSpec::new(
+        "backend",
+        FieldType::Any,
+        "Keep the limit in a store shared by every instance instead of this process: `{redis: {url, prefix}}` (with the redis connector built in).",
+    ))
     .example("Ten calls per second, smoothly", "rate: 10\nper: 1s\n")
     .example(
         "Per customer: 100 per minute in bursts of 20, rejecting the excess",
@@ -110,6 +124,7 @@ struct Config {
     max_wait: HumanDuration,
     #[serde(default = "ten_thousand")]
     max_keys: usize,
+    backend: Option<Value>,
 }
 
 // The defaults repeat the spec's, for configurations that did not go through validation (tests).
@@ -148,11 +163,20 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
         Some(code) => Some(ctx.steps.compile_jq("key", code)?),
         None => None,
     };
+    let shared =
+        named_store::remote::<dyn RateLimitStore>(ctx, config.backend.as_ref(), |b| b.rate_limit)?;
+    if shared.is_some() && interval < Duration::from_micros(1) {
+        return Err(BuildError::field(
+            "rate",
+            "a shared limit is kept to the microsecond: give at most 1000000 messages per second, or drop `backend`",
+        ));
+    }
     Ok(Arc::new(Throttle {
         gcra: Gcra {
             interval,
             tolerance: interval.saturating_mul(burst),
         },
+        shared,
         max_wait: match config.mode {
             Mode::Delay => config.max_wait.0,
             Mode::Reject => Duration::ZERO,
@@ -206,6 +230,8 @@ struct State {
 
 struct Throttle {
     gcra: Gcra,
+    /// The store keeping the schedules when they are shared (`backend`); else `state`.
+    shared: Option<Arc<dyn RateLimitStore>>,
     max_wait: Duration,
     describe: String,
     key: Option<Arc<dyn JqProgram>>,
@@ -257,6 +283,34 @@ impl Throttle {
         Ok(go_at)
     }
 
+    /// [`Processor::process`] with the schedules in a shared store.
+    async fn pass_shared(
+        &self,
+        shared: &dyn RateLimitStore,
+        msg: Message,
+        key: Option<&str>,
+    ) -> Result<Outputs, Failure> {
+        let limit = RateLimit {
+            interval: self.gcra.interval,
+            tolerance: self.gcra.tolerance,
+        };
+        // Without `key` every message shares one schedule, under the prefix alone.
+        match shared
+            .reserve(key.unwrap_or(""), limit, self.max_wait)
+            .await
+        {
+            Ok(Reservation::Granted { wait }) => {
+                tokio::time::sleep(wait).await;
+                Ok(common::one(msg))
+            }
+            Ok(Reservation::OverRate { retry_after }) => {
+                Err(self.refuse(msg, key, &Refusal::OverRate(retry_after)))
+            }
+            // A limit that cannot be checked is not waived: the message fails, retryably.
+            Err(e) => Err(Failure::new(msg, e)),
+        }
+    }
+
     fn refuse(&self, msg: Message, key: Option<&str>, refusal: &Refusal) -> Failure {
         let for_key = key.map(|k| format!(" for key `{k}`")).unwrap_or_default();
         match refusal {
@@ -302,6 +356,9 @@ impl Processor for Throttle {
             },
             None => None,
         };
+        if let Some(shared) = &self.shared {
+            return self.pass_shared(shared.as_ref(), msg, key.as_deref()).await;
+        }
         match self.reserve(key.as_deref(), Instant::now()) {
             Ok(go_at) => {
                 tokio::time::sleep_until(go_at).await;

@@ -99,3 +99,91 @@ impl Connector for JetStream {
 }
 
 crate::conformance_tests!(JetStream);
+
+/// Issue 5: a JetStream message that keeps failing is redelivered up to `max_deliver` and its
+/// last delivery reaches the flow's `dead_letter:` with its error (not just `+TERM`); earlier
+/// failures are nacked, not dead-lettered; once the letter is written the message is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_5_jetstream_last_delivery_goes_to_the_dead_letter() {
+    if !crate::conformance::ready(&JetStream).await {
+        return;
+    }
+    let name = sluice_testkit::unique("js_dlq");
+    JetStream.create(&name).await;
+    let letters = tempfile::tempdir().unwrap();
+    let letters_path = letters.path().join("letters.jsonl");
+    let good = crate::conformance::Recording::new();
+    let yaml = format!(
+        "flows:\n  - name: poisoned\n    from: {{jetstream: {{url: \"nats://{ADDR}\", stream: {name}, consumer: sluice, max_deliver: 3, nak_delay: 50ms, ack_wait: 5s}}}}\n    steps:\n      - transform: 'if .poison then error(\"poison pill\") else . end'\n    to:\n      - {}\n    dead_letter: {{file: {{path: \"{}\", content: envelope, fsync: true}}}}\n",
+        good.sink(),
+        letters_path.display()
+    );
+    let runtime = crate::conformance::Sluice::start(&yaml);
+    let js = context().await;
+    js.publish(
+        name.clone(),
+        br#"{"poison": true, "n": 1000}"#.to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    js.publish(name.clone(), br#"{"n": 0}"#.to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let read_letters = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&letters_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while read_letters().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter; log:\n{}",
+            runtime.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The good message passed; the poisoned one was tried three times, and only the third
+    // delivery became a letter, carrying the error.
+    assert_eq!(
+        good.wait_for(1, Duration::from_secs(10), &runtime)[0].n(),
+        Some(0)
+    );
+    let letter = &read_letters()[0];
+    assert_eq!(letter["body"]["poison"], true);
+    let headers = &letter["headers"];
+    assert_eq!(headers["nats.delivered"], "3", "{letter}");
+    assert_eq!(headers["sluice.error.kind"], "expression", "{letter}");
+    assert!(
+        headers["sluice.error.message"]
+            .as_str()
+            .is_some_and(|m| m.contains("poison pill")),
+        "{letter}"
+    );
+    // The letter is written, so the message is acknowledged: nothing pending, nothing more
+    // delivered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut consumer: jetstream::consumer::Consumer<pull::Config> = js
+            .get_stream(&name)
+            .await
+            .unwrap()
+            .get_consumer("sluice")
+            .await
+            .unwrap();
+        let info = consumer.info().await.unwrap();
+        if info.num_ack_pending == 0 && info.num_pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still pending: {info:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(read_letters().len(), 1, "a letter per delivery");
+}

@@ -129,7 +129,8 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let key = ctx.steps.compile_jq("key", &config.key)?;
     let steps = ctx.steps.build_steps("steps", &config.steps)?;
     let ttl = ttl::checked(config.ttl.0)?;
-    let remote = named_store::remote::<dyn CacheStore>(ctx, config.backend.as_ref(), |b| b.cache)?;
+    let remote =
+        named_store::remote::<dyn CacheStore>(ctx, config.backend.as_ref(), |b| Some(b.cache))?;
     let store = match remote {
         Some(remote) => remote,
         None => named_store::resolve::<dyn CacheStore>(

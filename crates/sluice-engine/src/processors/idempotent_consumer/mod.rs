@@ -155,7 +155,7 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let ttl = ttl::checked(config.ttl.0)?;
     let remote =
         named_store::remote::<dyn IdempotentRepository>(ctx, config.backend.as_ref(), |b| {
-            b.repository
+            Some(b.repository)
         })?;
     let repository = match remote {
         Some(remote) => remote,
