@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, SystemClock};
 use crate::dead_letter::DeadLetters;
 use crate::error::StoreError;
-use crate::idempotent::IdempotentKeys;
+use crate::idempotent::{self, IdempotentKeys};
 use crate::lock::DirLock;
 use crate::queue::{self, Queue};
 use crate::reopen::{DbSlot, Opener};
@@ -54,7 +54,8 @@ impl Default for StoreOptions {
 /// What opening the store did. The counts make "open does not scan the queue" checkable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenReport {
-    /// Entries read to recover: in-flight entries only, never records.
+    /// Entries read to recover: in-flight queue entries and idempotency claims only, never
+    /// records or confirmed keys.
     pub entries_read: usize,
 }
 
@@ -214,13 +215,14 @@ fn open_and_recover(opener: &Opener) -> Result<(Database, OpenReport), StoreErro
     Ok((db, report))
 }
 
-/// Creates missing tables and releases the leases of the previous run, in one commit. Run at
-/// open only: a reopen after an I/O error keeps the leases, whose consumers are still alive.
+/// Creates missing tables and releases the leases and idempotency claims of the previous run,
+/// in one commit. Run at open only: a reopen after an I/O error keeps the leases and claims,
+/// whose consumers are still alive.
 fn recover(db: &Database) -> Result<OpenReport, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_quick_repair(true);
     create_tables(&txn)?;
-    let entries_read = queue::release_leases(&txn)?;
+    let entries_read = queue::release_leases(&txn)? + idempotent::release_claims(&txn)?;
     txn.commit()?;
     Ok(OpenReport { entries_read })
 }
@@ -235,6 +237,7 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(tables::COUNTERS)?;
     txn.open_table(tables::IDEMPOTENT)?;
     txn.open_table(tables::IDEMPOTENT_EXPIRY)?;
+    txn.open_table(tables::IDEMPOTENT_CLAIMS)?;
     txn.open_table(tables::CHECKPOINTS)?;
     Ok(())
 }

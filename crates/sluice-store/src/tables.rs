@@ -46,5 +46,11 @@ pub(crate) const IDEMPOTENT: TableDefinition<(&str, &str), (u8, u64)> =
 pub(crate) const IDEMPOTENT_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotent_expiry");
 
+/// `(repository, key) -> ()`: the keys of [`IDEMPOTENT`] that are claimed, not confirmed. A
+/// claim belongs to a message in flight, which dies with the process, so open releases every
+/// claim listed here, reading only these entries (never the confirmed keys).
+pub(crate) const IDEMPOTENT_CLAIMS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("idempotent_claims");
+
 /// `key -> value`: small values sources keep across restarts (a polling source's watermark).
 pub(crate) const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
