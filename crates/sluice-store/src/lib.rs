@@ -3,7 +3,8 @@
 //!
 //! It keeps bytes and ids, never engine types, so it can be fuzzed and benchmarked alone:
 //! durable queues for channels ([`Queue`]), the dead-letter store with idempotent replay
-//! ([`DeadLetters`]), and idempotency keys with expiry ([`IdempotentKeys`]).
+//! ([`DeadLetters`]), idempotency keys with expiry ([`IdempotentKeys`]), aggregation groups
+//! ([`AggregationGroups`]) and checkpoints ([`Checkpoints`]).
 //!
 //! # Opening
 //! [`Store::open`] creates the data directory (the caller picks it, `./data/` by default),
@@ -26,7 +27,9 @@
 //! (next_seq, fresh_cursor)`, `queue_in_flight (channel, seq) -> (visible_at, deliveries,
 //! state)`, `queue_visible_at (channel, visible_at, seq)` (index), `dead_letters id -> frame`,
 //! `dead_letter_replays replay_id -> id`, `counters`, `idempotent_keys (repo, key) -> (state,
-//! expires_at)`, `idempotent_expiry (expires_at, repo, key)` (index), `checkpoints key -> bytes`.
+//! expires_at)`, `idempotent_expiry (expires_at, repo, key)` (index), `idempotent_claims (repo, key)` (index),
+//! `checkpoints key -> bytes`, `aggregation_groups (repo, group_id) -> (key, first_at, last_at,
+//! size)`, `aggregation_entries (repo, group_id, index) -> frame`.
 //!
 //! A lease reads the visibility index up to now (expired leases, elapsed nacks), then fresh
 //! records from the channel's cursor; ack deletes the record and its in-flight entries. Every
@@ -90,6 +93,7 @@
 
 pub mod codec;
 
+mod aggregation;
 mod checkpoint;
 mod clock;
 mod dead_letter;
@@ -106,6 +110,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use aggregation::{AggregationGroups, StoredGroup};
 pub use checkpoint::Checkpoints;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dead_letter::{

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use redb::{Database, StorageBackend, WriteTransaction};
 
+use crate::aggregation::AggregationGroups;
 use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, SystemClock};
 use crate::dead_letter::DeadLetters;
@@ -202,6 +203,16 @@ impl Store {
         Checkpoints::new(Arc::clone(&self.inner))
     }
 
+    /// Removes up to `limit` expired idempotency keys of every repository; returns how many.
+    pub async fn purge_expired_keys(&self, limit: usize) -> Result<usize, StoreError> {
+        self.idempotent_keys("").purge_expired(limit).await
+    }
+
+    /// The aggregation groups of repository `name`.
+    pub fn aggregation_groups(&self, name: &str) -> AggregationGroups {
+        AggregationGroups::new(Arc::clone(&self.inner), name)
+    }
+
     /// The idempotency keys of repository `name`.
     pub fn idempotent_keys(&self, name: &str) -> IdempotentKeys {
         IdempotentKeys::new(Arc::clone(&self.inner), name)
@@ -239,5 +250,7 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(tables::IDEMPOTENT_EXPIRY)?;
     txn.open_table(tables::IDEMPOTENT_CLAIMS)?;
     txn.open_table(tables::CHECKPOINTS)?;
+    txn.open_table(tables::AGGREGATION_GROUPS)?;
+    txn.open_table(tables::AGGREGATION_ENTRIES)?;
     Ok(())
 }
