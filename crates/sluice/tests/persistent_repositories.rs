@@ -138,3 +138,203 @@ flows:
     assert!(errors.contains("max_keys"), "{errors}");
     assert!(errors.contains("remove `max_keys`"), "{errors}");
 }
+
+/// Orders' lines aggregated three at a time (or after `timeout` of quiet) with the groups in
+/// the store; every aggregate is appended to `out` as an envelope (with its headers).
+fn batches(port: u16, out: &std::path::Path, timeout: &str) -> String {
+    format!(
+        r#"
+flows:
+  - name: lines
+    from: {{http: {{listen: "127.0.0.1:{port}", path: /lines, pattern: in_only, accept: on_commit}}}}
+    steps:
+      - id: batch
+        aggregate:
+          correlation: .order
+          size: 3
+          timeout: {timeout}
+          aggregation: 'map(.line)'
+          backend: {{store: {{}}}}
+    to:
+      - file: {{path: "{}", content: envelope}}
+"#,
+        out.display()
+    )
+}
+
+/// The aggregates written to `out` so far.
+fn written(out: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Waits until `out` holds `n` aggregates.
+async fn written_at_least(out: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..1000 {
+        let got = written(out);
+        if got.len() >= n {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{} aggregates written, not {n}", written(out).len());
+}
+
+/// The groups stored for the `batch` step, read once the runtime has let go of the store (the
+/// deletion of a delivered group may still be committing right after a shutdown).
+async fn stored_groups(data: &std::path::Path) -> Vec<sluice_store::StoredGroup> {
+    for _ in 0..500 {
+        if let Ok(store) = sluice_store::Store::open(data, sluice_store::StoreOptions::default()) {
+            return store.aggregation_groups("lines/batch").groups().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the store in {} stays locked", data.display());
+}
+
+async fn send_line(port: u16, order: &str, line: u32) {
+    let reply = request(
+        "POST",
+        &format!("http://127.0.0.1:{port}/lines"),
+        json!({"order": order, "line": line}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}
+
+#[tokio::test]
+async fn a_group_survives_a_restart_and_completes_once_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("aggregates.jsonl");
+    let port = free_port();
+    let flow = write_flow(&dir, "lines.yaml", &batches(port, &out, "1h"));
+
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    // Each 202 comes once the line is in its stored group: the source is done with it.
+    send_line(port, "a", 1).await;
+    send_line(port, "a", 2).await;
+    send_line(port, "b", 1).await;
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+    assert!(written(&out).is_empty(), "no group was complete");
+    let stored = stored_groups(&data).await;
+    assert_eq!(
+        stored
+            .iter()
+            .map(|g| (g.key.as_str(), g.size))
+            .collect::<Vec<_>>(),
+        [("a", 2), ("b", 1)]
+    );
+
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    send_line(port, "a", 3).await;
+    let got = written_at_least(&out, 1).await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0]["body"],
+        json!([1, 2, 3]),
+        "lines from before and after the restart"
+    );
+    assert_eq!(got[0]["headers"]["sluice.aggregate.completed_by"], "size");
+    assert_eq!(got[0]["headers"]["sluice.aggregate.size"], "3");
+    // The next group under the same key starts afresh.
+    send_line(port, "a", 4).await;
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+
+    let stored = stored_groups(&data).await;
+    assert_eq!(
+        stored
+            .iter()
+            .map(|g| (g.key.as_str(), g.size))
+            .collect::<Vec<_>>(),
+        [("b", 1), ("a", 1)],
+        "the delivered group was deleted, the others wait"
+    );
+    // A third run reloads them without emitting the delivered group again.
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    send_line(port, "b", 2).await;
+    send_line(port, "b", 3).await;
+    let got = written_at_least(&out, 2).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[1]["body"], json!([1, 2, 3]));
+    assert_eq!(got[1]["headers"]["sluice.aggregate.correlation"], "b");
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+    assert_eq!(written(&out).len(), 2, "each group emitted once");
+}
+
+#[tokio::test]
+async fn a_stored_group_completes_by_its_timeout_after_a_restart_without_new_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = dir.path().join("aggregates.jsonl");
+    let port = free_port();
+    let flow = write_flow(&dir, "lines.yaml", &batches(port, &out, "300ms"));
+
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    send_line(port, "c", 1).await;
+    // Stopped before the timeout: the group stays stored, nothing is emitted or nacked.
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+    assert!(written(&out).is_empty());
+    assert_eq!(stored_groups(&data).await.len(), 1);
+
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    let got = written_at_least(&out, 1).await;
+    assert_eq!(got[0]["body"], json!([1]));
+    assert_eq!(
+        got[0]["headers"]["sluice.aggregate.completed_by"],
+        "timeout"
+    );
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+    assert!(
+        stored_groups(&data).await.is_empty(),
+        "deleted once delivered"
+    );
+    assert_eq!(written(&out).len(), 1);
+}
+
+#[tokio::test]
+async fn an_undelivered_aggregate_stays_stored_and_is_emitted_after_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = free_port();
+    // The target fails: the aggregate is nacked and its group must stay.
+    let blocked = dir.path().join("not-a-dir");
+    std::fs::write(&blocked, "a file where a directory should be").unwrap();
+    let failing = blocked.join("aggregates.jsonl");
+    let flow = write_flow(&dir, "lines.yaml", &batches(port, &failing, "1h"));
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    send_line(port, "d", 1).await;
+    send_line(port, "d", 2).await;
+    let last = request(
+        "POST",
+        &format!("http://127.0.0.1:{port}/lines"),
+        json!({"order": "d", "line": 3}).to_string(),
+    )
+    .await;
+    assert!(
+        last.status >= 500,
+        "the aggregate's target failed: {}",
+        last.status
+    );
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+    let stored = stored_groups(&data).await;
+    assert_eq!(stored.len(), 1, "the undelivered group is kept");
+    assert_eq!(stored[0].size, 3);
+
+    let out = dir.path().join("aggregates.jsonl");
+    let flow = write_flow(&dir, "lines.yaml", &batches(port, &out, "1h"));
+    let runtime = start_with_data(std::slice::from_ref(&flow), Some(port), &data).await;
+    let got = written_at_least(&out, 1).await;
+    assert_eq!(got[0]["body"], json!([1, 2, 3]));
+    assert_eq!(got[0]["headers"]["sluice.aggregate.completed_by"], "size");
+    assert_eq!(runtime.shutdown(Duration::from_secs(5)).await, 0);
+    assert!(stored_groups(&data).await.is_empty());
+}
