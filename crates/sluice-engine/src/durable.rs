@@ -93,6 +93,12 @@ impl DurableStore {
         self.opened.get().and_then(|r| r.as_ref().ok().cloned())
     }
 
+    /// Whether the open store's disk reserve is in use (the disk filled up: producers are
+    /// refused while consumers drain); `None` when no store is open in this process.
+    pub fn reserve_in_use(&self) -> Option<bool> {
+        self.if_open().map(|store| store.reserve_in_use())
+    }
+
     /// Starts, once per process and on the current tokio runtime, the task that removes expired
     /// idempotency keys every [`PURGE_EVERY`]. An expired key already counts as absent; the
     /// purge only gives its room back. Called by the steps that keep keys in the store, on their

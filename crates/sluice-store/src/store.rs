@@ -178,6 +178,14 @@ impl Store {
         self.inner.writer.commits()
     }
 
+    /// Whether the disk reserve is in use: the disk filled up, so requests that store new
+    /// payloads fail with [`StoreError::DiskFull`] while consumers drain on the reserve's room,
+    /// until the writer can write the reserve again. Always `false` for a store without a
+    /// reserve (in memory, another backend, `reserve: 0`).
+    pub fn reserve_in_use(&self) -> bool {
+        self.inner.writer.reserve_released()
+    }
+
     /// The locked data directory; `None` for a store on another backend.
     pub fn dir(&self) -> Option<&Path> {
         self.inner.lock.as_ref().map(DirLock::dir)
