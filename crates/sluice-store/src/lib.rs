@@ -79,6 +79,10 @@
 //!   reopens anything. Space freed inside `store.redb` by acks is reused by redb, not returned
 //!   to the filesystem, so it does not by itself count as room.
 //!
+//! [`Store::reserve_in_use`] reports the reserve released (for health checks and metrics); the
+//! writer sets it before it answers the requests of the commit that failed, so a producer refused
+//! for a full disk finds it set.
+//!
 //! A store opened on a full disk starts with the reserve released (using it for its recovery
 //! commit if needed), so consumers can drain right away. Stores on another backend have no
 //! reserve: they reopen, but a full disk fails every write until space returns.
