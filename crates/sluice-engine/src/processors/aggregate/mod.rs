@@ -280,6 +280,7 @@ or `on_split_complete: true`",
         repo,
         open: Mutex::new(Open::default()),
         ticking: OnceLock::new(),
+        reloaded: tokio::sync::OnceCell::new(),
         downstream: Arc::clone(&ctx.downstream),
     });
     if stored {
@@ -328,7 +329,7 @@ fn spawn_reload(inner: Weak<Inner>) {
                 return;
             };
             if this.downstream.is_ready() {
-                this.reload().await;
+                this.reload_once().await;
                 return;
             }
             drop(this);
@@ -407,6 +408,10 @@ struct Inner {
     open: Mutex<Open>,
     /// Set once the interval task runs.
     ticking: OnceLock<()>,
+    /// Set once the stored groups were reloaded (store only): by the task started at build, or
+    /// by the first message if it comes first, so no message joins a group before the stored
+    /// ones are open again.
+    reloaded: tokio::sync::OnceCell<()>,
     downstream: Arc<dyn Dispatch>,
 }
 
@@ -467,6 +472,7 @@ impl Inner {
     // The message goes back in the `Failure`, so the error is as large as the message.
     #[allow(clippy::result_large_err)]
     async fn join(self: &Arc<Self>, key: String, msg: Message) -> Result<Option<Message>, Failure> {
+        self.reload_once().await;
         let split_size = if self.completion.on_split_complete {
             split_size(&msg)
         } else {
@@ -755,6 +761,13 @@ impl Inner {
                 futures_util::future::join_all(emits).await;
             }
         });
+    }
+
+    /// Reloads the stored groups unless that was done (store only; at once in memory).
+    async fn reload_once(self: &Arc<Self>) {
+        if matches!(self.repo, Repo::Store(_)) {
+            self.reloaded.get_or_init(|| self.reload()).await;
+        }
     }
 
     /// Reopens the groups stored by a previous run: each is open again with its messages, its
