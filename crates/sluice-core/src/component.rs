@@ -67,6 +67,13 @@ pub trait Dispatch: Send + Sync + 'static {
     async fn admit(self: Arc<Self>, msg: Message) -> Admitted {
         Box::pin(async move { self.dispatch(msg).await })
     }
+
+    /// Whether [`dispatch`](Self::dispatch) can run now. A step's
+    /// [`BuildContext::downstream`] is ready once its flow is built; a step that emits messages
+    /// on its own at start (groups reloaded from a store) waits for it. Ready by default.
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// The work left after [`Dispatch::admit`]: resolves like [`Dispatch::dispatch`].

@@ -1,7 +1,7 @@
 //! The process's durable store (`sluice-store`), opened on first use.
 //!
-//! Only flows that need durability (a durable channel, the dead-letter store, persistent
-//! idempotency keys) open it, so a project without them never creates the data directory or
+//! Only flows that need durability (a durable channel, the dead-letter store, idempotency keys
+//! or aggregation groups with `backend: {store: {}}`) open it, so a project without them never creates the data directory or
 //! takes its lock. The directory is set once before building (`sluice run --data DIR`, default
 //! `./data`); every component of the process then shares the one open [`Store`].
 
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sluice_core::state::{CheckpointStore, Checkpoints};
@@ -18,11 +19,19 @@ use sluice_store::{Store, StoreOptions};
 /// The data directory used when none is configured.
 pub const DEFAULT_DATA_DIR: &str = "./data";
 
+/// How often expired idempotency keys are removed from the store.
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// Expired keys removed per commit, so one purge never holds the writer for long.
+const PURGE_BATCH: usize = 1000;
+
 /// The store of this process, in [`sluice_core::Resources`].
 pub struct DurableStore {
     dir: Mutex<PathBuf>,
     in_memory: std::sync::atomic::AtomicBool,
     opened: OnceLock<Result<Store, String>>,
+    /// Set once the task purging expired idempotency keys runs.
+    purging: OnceLock<()>,
 }
 
 impl Default for DurableStore {
@@ -31,6 +40,7 @@ impl Default for DurableStore {
             dir: Mutex::new(PathBuf::from(DEFAULT_DATA_DIR)),
             in_memory: std::sync::atomic::AtomicBool::new(false),
             opened: OnceLock::new(),
+            purging: OnceLock::new(),
         }
     }
 }
@@ -82,6 +92,54 @@ impl DurableStore {
     pub fn if_open(&self) -> Option<Store> {
         self.opened.get().and_then(|r| r.as_ref().ok().cloned())
     }
+
+    /// Whether the open store's disk reserve is in use (the disk filled up: producers are
+    /// refused while consumers drain); `None` when no store is open in this process.
+    pub fn reserve_in_use(&self) -> Option<bool> {
+        self.if_open().map(|store| store.reserve_in_use())
+    }
+
+    /// Starts, once per process and on the current tokio runtime, the task that removes expired
+    /// idempotency keys every [`PURGE_EVERY`]. An expired key already counts as absent; the
+    /// purge only gives its room back. Called by the steps that keep keys in the store, on their
+    /// first use (a runtime is there then; at build time there may be none).
+    pub(crate) fn keep_keys_purged(self: &Arc<Self>) {
+        if self.purging.set(()).is_ok() {
+            spawn_purger(Arc::downgrade(self), PURGE_EVERY);
+        }
+    }
+}
+
+/// Purges expired idempotency keys every `period` while the store's owner lives. It holds the
+/// owner weakly, between ticks too, so a stopped runtime's store closes (and unlocks its
+/// directory) without waiting for this task.
+pub(crate) fn spawn_purger(owner: std::sync::Weak<DurableStore>, period: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(store) = owner.upgrade().and_then(|owner| owner.if_open()) else {
+                if owner.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            };
+            loop {
+                match store.purge_expired_keys(PURGE_BATCH).await {
+                    Ok(n) if n == PURGE_BATCH => {}
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "purging expired idempotency keys failed; retrying at the next tick");
+                        break;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Installs the process's [`Checkpoints`] in `resources`: backed by this store, opened on first

@@ -90,8 +90,11 @@ impl Processor for Pipeline {
 }
 
 /// A pipeline's steps, filled in once they are all built: each step holds a [`Downstream`] into
-/// the pipeline it belongs to before that pipeline exists.
-pub(crate) type StepsSlot = Arc<OnceLock<Arc<[Step]>>>;
+/// the pipeline it belongs to before that pipeline exists. Weak, as the pipeline owns its steps:
+/// a strong reference would make a cycle through every step that keeps its downstream (an
+/// aggregator), and a stopped flow would never be dropped (nor its steps' state released: open
+/// groups nacked, the durable store closed).
+pub(crate) type StepsSlot = Arc<OnceLock<Weak<[Step]>>>;
 /// The flow, filled in once built; weak so a flow and its steps do not keep each other alive.
 pub(crate) type FlowSlot = Arc<OnceLock<Weak<Flow>>>;
 
@@ -124,7 +127,7 @@ impl Downstream {
     /// Runs `msg` through the rest of this pipeline and every enclosing one; not the targets.
     fn run(&self, msg: Message) -> BoxFuture<'_, Result<Outputs, Failure>> {
         Box::pin(async move {
-            let Some(steps) = self.steps.get() else {
+            let Some(steps) = self.steps.get().and_then(Weak::upgrade) else {
                 return Err(not_running(msg));
             };
             let outputs = run_steps(steps.get(self.next..).unwrap_or_default(), msg).await?;
@@ -151,6 +154,11 @@ fn not_running(msg: Message) -> Failure {
 
 #[async_trait]
 impl Dispatch for Downstream {
+    fn is_ready(&self) -> bool {
+        self.steps.get().and_then(Weak::upgrade).is_some()
+            && self.flow.get().and_then(Weak::upgrade).is_some()
+    }
+
     async fn dispatch(&self, msg: Message) -> Result<Vec<Message>, Failure> {
         let Some(flow) = self.flow.get().and_then(Weak::upgrade) else {
             let mut failure = not_running(msg);
@@ -505,7 +513,7 @@ mod tests {
     fn slot(steps: Vec<Step>) -> (StepsSlot, Arc<[Step]>) {
         let steps: Arc<[Step]> = steps.into();
         let slot = StepsSlot::default();
-        assert!(slot.set(Arc::clone(&steps)).is_ok());
+        assert!(slot.set(Arc::downgrade(&steps)).is_ok());
         (slot, steps)
     }
 
@@ -570,7 +578,8 @@ mod tests {
         let (_flow, steps, flow_slot, captured) = flow();
         let after_a = Arc::new(Downstream::new(steps, 1, None, Arc::clone(&flow_slot)));
         // A pipeline nested in step `a`: [c: n+100, d: n+1000]; emitting after `c`.
-        let (inner, _) = slot(vec![step("c", ".n += 100"), step("d", ".n += 1000")]);
+        // The nested steps are owned by the step that nests them; here, by the test.
+        let (inner, _nested) = slot(vec![step("c", ".n += 100"), step("d", ".n += 1000")]);
         let after_c = Downstream::new(inner, 1, Some(after_a), flow_slot);
         let replies = after_c
             .dispatch(Message::json(json!({"n": 0})))
@@ -699,10 +708,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_letter_that_cannot_be_written_nacks() {
-        let (_, steps, _, _) = flow();
+        let (_first, steps, _, _) = flow();
         let flow = Flow::with_options(
             Arc::from("f"),
-            Pipeline::shared(Arc::clone(steps.get().unwrap())),
+            Pipeline::shared(steps.get().unwrap().upgrade().unwrap()),
             Vec::new(),
             FlowOptions {
                 dead_letter: Some(Target {
@@ -723,12 +732,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_letter_keeps_the_original_body_and_acks() {
-        let (_, steps, _, _) = flow();
+        let (_first, steps, _, _) = flow();
         let captured = Captured::default();
         let flow = Flow::with_options(
             Arc::from("f"),
             // `a` (n + 1) fails on a string `n`.
-            Pipeline::shared(Arc::clone(steps.get().unwrap())),
+            Pipeline::shared(steps.get().unwrap().upgrade().unwrap()),
             Vec::new(),
             FlowOptions {
                 dead_letter: Some(Target {

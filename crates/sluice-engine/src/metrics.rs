@@ -202,6 +202,24 @@ pub fn render(resources: &Resources) -> String {
             b.counts.opened,
         );
     }
+    // Only once something opened the store: rendering must not open it (and lock the directory).
+    if let Some(in_use) = resources
+        .get_or_default::<crate::durable::DurableStore>()
+        .reserve_in_use()
+    {
+        family(
+            &mut out,
+            "sluice_store_reserve_in_use",
+            "gauge",
+            "1 while the durable store's disk reserve is in use: the disk filled up, new messages are refused and consumers drain; 0 otherwise.",
+        );
+        sample(
+            &mut out,
+            "sluice_store_reserve_in_use",
+            &[],
+            u64::from(in_use),
+        );
+    }
     out
 }
 
@@ -212,6 +230,10 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 
 fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
     out.push_str(name);
+    if labels.is_empty() {
+        let _ = writeln!(out, " {value}");
+        return;
+    }
     out.push('{');
     for (i, (label, value)) in labels.iter().enumerate() {
         if i > 0 {

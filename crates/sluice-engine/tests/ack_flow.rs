@@ -156,3 +156,48 @@ async fn a_channel_nobody_reads_fails_at_once_naming_it() {
     assert!(matches!(outcome_once(&mut rx).await, Outcome::Nack(_)));
     runtime.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Regression (issue 4): a step that keeps its downstream (an aggregator) used to hold its own
+/// pipeline through it, so a stopped flow was never dropped and the messages of its open groups
+/// were never nacked (nor the durable store closed). Now they are nacked once the runtime is gone.
+#[tokio::test]
+async fn the_open_groups_of_a_stopped_flow_are_nacked_when_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flows.yaml");
+    std::fs::write(
+        &path,
+        r#"
+flows:
+  - name: batch
+    from: { channel: batch-in }
+    steps:
+      - aggregate: { correlation: '.k', size: 2 }
+  # Only so that something may write to `batch-in` (a recipient list names channels at run time).
+  - name: feed
+    from: { channel: feed-in }
+    steps:
+      - recipient_list: { expression: '["batch-in"]' }
+"#,
+    )
+    .unwrap();
+    let mut registry = Registry::new();
+    sluice_engine::register_all(&mut registry);
+    let project = sluice_engine::config::load(&[path], &registry).unwrap();
+    let topology =
+        sluice_engine::build::build(&project, &registry, Arc::new(Resources::default())).unwrap();
+    let runtime = Runtime::start(topology);
+    let (token, mut rx) = counted();
+    let flow = runtime.flow("batch").unwrap();
+    let held = flow
+        .dispatch(Message::json(json!({"k": "a"})).with_ack(token))
+        .await
+        .unwrap();
+    assert!(held.is_empty(), "the group is not complete");
+    assert!(rx.try_recv().is_err(), "resolved while its group is open");
+    drop(flow);
+    runtime.shutdown(Duration::from_secs(1)).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(5), outcome_once(&mut rx))
+        .await
+        .expect("the open group's message was never resolved: the flow leaked");
+    assert!(matches!(outcome, Outcome::Nack(_)), "{outcome:?}");
+}

@@ -6,6 +6,12 @@
 //! `ErrorKind::Unavailable`) so this crate stays free of other Sluice crates. Keys live per
 //! repository name. An expired key behaves as absent at once; its entry is removed by
 //! [`IdempotentKeys::purge_expired`], which reads only expired entries through an expiry index.
+//!
+//! A **claim** belongs to a message in flight, and messages in flight die with the process: the
+//! source redelivers them. So a claim does not outlive the run that made it: opening the store
+//! releases every claim (through the claims index, not a scan of the keys), and only confirmed
+//! keys are recognised after a restart. Otherwise a message whose run was interrupted would come
+//! back as a duplicate of itself and be dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +21,7 @@ use redb::{ReadableTable, WriteTransaction};
 use crate::clock::millis;
 use crate::error::StoreError;
 use crate::store::Inner;
-use crate::tables::{IDEMPOTENT, IDEMPOTENT_EXPIRY};
+use crate::tables::{IDEMPOTENT, IDEMPOTENT_CLAIMS, IDEMPOTENT_EXPIRY};
 use crate::writer::Room;
 
 const CLAIMED: u8 = 0;
@@ -108,6 +114,26 @@ impl IdempotentKeys {
             .is_some_and(|entry| entry.value().1 > now))
     }
 
+    /// How many keys this repository stores, expired ones not yet purged included. Reads every
+    /// key of the repository: for tests and operators, not for the message path.
+    pub fn stored(&self) -> Result<usize, StoreError> {
+        let txn = self.inner.db.begin_read()?;
+        let table = match txn.open_table(IDEMPOTENT) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(error) => return Err(error.into()),
+        };
+        let mut count = 0;
+        for entry in table.range((&*self.name, "")..)? {
+            let (key, _) = entry?;
+            if key.value().0 != &*self.name {
+                break;
+            }
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Removes up to `limit` expired keys of every repository; returns how many.
     pub async fn purge_expired(&self, limit: usize) -> Result<usize, StoreError> {
         let now = self.inner.clock.now_ms();
@@ -141,6 +167,9 @@ fn set(
         .insert((name, key), (state, expires))?;
     txn.open_table(IDEMPOTENT_EXPIRY)?
         .insert((expires, name, key), ())?;
+    if state == CLAIMED {
+        txn.open_table(IDEMPOTENT_CLAIMS)?.insert((name, key), ())?;
+    }
     Ok(())
 }
 
@@ -149,15 +178,37 @@ fn remove(txn: &WriteTransaction, name: &str, key: &str) -> Result<bool, StoreEr
         .open_table(IDEMPOTENT)?
         .remove((name, key))?
         .map(|entry| entry.value());
-    if let Some((_, expires)) = old {
+    if let Some((state, expires)) = old {
         txn.open_table(IDEMPOTENT_EXPIRY)?
             .remove((expires, name, key))?;
+        if state == CLAIMED {
+            txn.open_table(IDEMPOTENT_CLAIMS)?.remove((name, key))?;
+        }
     }
     Ok(old.is_some())
 }
 
+/// Releases every claim (open only: their messages died with the previous run); returns how
+/// many entries it read.
+pub(crate) fn release_claims(txn: &WriteTransaction) -> Result<usize, StoreError> {
+    let claims: Vec<(String, String)> = txn
+        .open_table(IDEMPOTENT_CLAIMS)?
+        .iter()?
+        .map(|entry| {
+            entry.map(|(key, _)| {
+                let (name, key) = key.value();
+                (name.to_owned(), key.to_owned())
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    for (name, key) in &claims {
+        remove(txn, name, key)?;
+    }
+    Ok(claims.len())
+}
+
 fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, StoreError> {
-    let mut expiry = txn.open_table(IDEMPOTENT_EXPIRY)?;
+    let expiry = txn.open_table(IDEMPOTENT_EXPIRY)?;
     let expired: Vec<(u64, String, String)> = expiry
         .range((0, "", "")..(now.saturating_add(1), "", ""))?
         .take(limit)
@@ -168,10 +219,9 @@ fn purge(txn: &WriteTransaction, now: u64, limit: usize) -> Result<usize, StoreE
             })
         })
         .collect::<Result<_, _>>()?;
-    let mut keys = txn.open_table(IDEMPOTENT)?;
-    for (at, name, key) in &expired {
-        expiry.remove((*at, name.as_str(), key.as_str()))?;
-        keys.remove((name.as_str(), key.as_str()))?;
+    drop(expiry);
+    for (_, name, key) in &expired {
+        remove(txn, name, key)?;
     }
     Ok(expired.len())
 }

@@ -3,7 +3,8 @@
 //!
 //! It keeps bytes and ids, never engine types, so it can be fuzzed and benchmarked alone:
 //! durable queues for channels ([`Queue`]), the dead-letter store with idempotent replay
-//! ([`DeadLetters`]), and idempotency keys with expiry ([`IdempotentKeys`]).
+//! ([`DeadLetters`]), idempotency keys with expiry ([`IdempotentKeys`]), aggregation groups
+//! ([`AggregationGroups`]) and checkpoints ([`Checkpoints`]).
 //!
 //! # Opening
 //! [`Store::open`] creates the data directory (the caller picks it, `./data/` by default),
@@ -26,7 +27,9 @@
 //! (next_seq, fresh_cursor)`, `queue_in_flight (channel, seq) -> (visible_at, deliveries,
 //! state)`, `queue_visible_at (channel, visible_at, seq)` (index), `dead_letters id -> frame`,
 //! `dead_letter_replays replay_id -> id`, `counters`, `idempotent_keys (repo, key) -> (state,
-//! expires_at)`, `idempotent_expiry (expires_at, repo, key)` (index), `checkpoints key -> bytes`.
+//! expires_at)`, `idempotent_expiry (expires_at, repo, key)` (index), `idempotent_claims (repo, key)` (index),
+//! `checkpoints key -> bytes`, `aggregation_groups (repo, group_id) -> (key, first_at, last_at,
+//! size)`, `aggregation_entries (repo, group_id, index) -> frame`.
 //!
 //! A lease reads the visibility index up to now (expired leases, elapsed nacks), then fresh
 //! records from the channel's cursor; ack deletes the record and its in-flight entries. Every
@@ -76,6 +79,10 @@
 //!   reopens anything. Space freed inside `store.redb` by acks is reused by redb, not returned
 //!   to the filesystem, so it does not by itself count as room.
 //!
+//! [`Store::reserve_in_use`] reports the reserve released (for health checks and metrics); the
+//! writer sets it before it answers the requests of the commit that failed, so a producer refused
+//! for a full disk finds it set.
+//!
 //! A store opened on a full disk starts with the reserve released (using it for its recovery
 //! commit if needed), so consumers can drain right away. Stores on another backend have no
 //! reserve: they reopen, but a full disk fails every write until space returns.
@@ -90,6 +97,7 @@
 
 pub mod codec;
 
+mod aggregation;
 mod checkpoint;
 mod clock;
 mod dead_letter;
@@ -106,6 +114,7 @@ mod writer;
 #[cfg(test)]
 mod tests;
 
+pub use aggregation::{AggregationGroups, StoredGroup};
 pub use checkpoint::Checkpoints;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use dead_letter::{

@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use redb::{Database, StorageBackend, WriteTransaction};
 
+use crate::aggregation::AggregationGroups;
 use crate::checkpoint::Checkpoints;
 use crate::clock::{Clock, SystemClock};
 use crate::dead_letter::DeadLetters;
 use crate::error::StoreError;
-use crate::idempotent::IdempotentKeys;
+use crate::idempotent::{self, IdempotentKeys};
 use crate::lock::DirLock;
 use crate::queue::{self, Queue};
 use crate::reopen::{DbSlot, Opener};
@@ -54,7 +55,8 @@ impl Default for StoreOptions {
 /// What opening the store did. The counts make "open does not scan the queue" checkable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenReport {
-    /// Entries read to recover: in-flight entries only, never records.
+    /// Entries read to recover: in-flight queue entries and idempotency claims only, never
+    /// records or confirmed keys.
     pub entries_read: usize,
 }
 
@@ -176,6 +178,14 @@ impl Store {
         self.inner.writer.commits()
     }
 
+    /// Whether the disk reserve is in use: the disk filled up, so requests that store new
+    /// payloads fail with [`StoreError::DiskFull`] while consumers drain on the reserve's room,
+    /// until the writer can write the reserve again. Always `false` for a store without a
+    /// reserve (in memory, another backend, `reserve: 0`).
+    pub fn reserve_in_use(&self) -> bool {
+        self.inner.writer.reserve_released()
+    }
+
     /// The locked data directory; `None` for a store on another backend.
     pub fn dir(&self) -> Option<&Path> {
         self.inner.lock.as_ref().map(DirLock::dir)
@@ -201,6 +211,16 @@ impl Store {
         Checkpoints::new(Arc::clone(&self.inner))
     }
 
+    /// Removes up to `limit` expired idempotency keys of every repository; returns how many.
+    pub async fn purge_expired_keys(&self, limit: usize) -> Result<usize, StoreError> {
+        self.idempotent_keys("").purge_expired(limit).await
+    }
+
+    /// The aggregation groups of repository `name`.
+    pub fn aggregation_groups(&self, name: &str) -> AggregationGroups {
+        AggregationGroups::new(Arc::clone(&self.inner), name)
+    }
+
     /// The idempotency keys of repository `name`.
     pub fn idempotent_keys(&self, name: &str) -> IdempotentKeys {
         IdempotentKeys::new(Arc::clone(&self.inner), name)
@@ -214,13 +234,14 @@ fn open_and_recover(opener: &Opener) -> Result<(Database, OpenReport), StoreErro
     Ok((db, report))
 }
 
-/// Creates missing tables and releases the leases of the previous run, in one commit. Run at
-/// open only: a reopen after an I/O error keeps the leases, whose consumers are still alive.
+/// Creates missing tables and releases the leases and idempotency claims of the previous run,
+/// in one commit. Run at open only: a reopen after an I/O error keeps the leases and claims,
+/// whose consumers are still alive.
 fn recover(db: &Database) -> Result<OpenReport, StoreError> {
     let mut txn = db.begin_write()?;
     txn.set_quick_repair(true);
     create_tables(&txn)?;
-    let entries_read = queue::release_leases(&txn)?;
+    let entries_read = queue::release_leases(&txn)? + idempotent::release_claims(&txn)?;
     txn.commit()?;
     Ok(OpenReport { entries_read })
 }
@@ -235,6 +256,9 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(tables::COUNTERS)?;
     txn.open_table(tables::IDEMPOTENT)?;
     txn.open_table(tables::IDEMPOTENT_EXPIRY)?;
+    txn.open_table(tables::IDEMPOTENT_CLAIMS)?;
     txn.open_table(tables::CHECKPOINTS)?;
+    txn.open_table(tables::AGGREGATION_GROUPS)?;
+    txn.open_table(tables::AGGREGATION_ENTRIES)?;
     Ok(())
 }

@@ -46,5 +46,21 @@ pub(crate) const IDEMPOTENT: TableDefinition<(&str, &str), (u8, u64)> =
 pub(crate) const IDEMPOTENT_EXPIRY: TableDefinition<(u64, &str, &str), ()> =
     TableDefinition::new("idempotent_expiry");
 
+/// `(repository, key) -> ()`: the keys of [`IDEMPOTENT`] that are claimed, not confirmed. A
+/// claim belongs to a message in flight, which dies with the process, so open releases every
+/// claim listed here, reading only these entries (never the confirmed keys).
+pub(crate) const IDEMPOTENT_CLAIMS: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("idempotent_claims");
+
+/// `(repository, group_id) -> (correlation_key, first_at_ms, last_at_ms, size)`: the
+/// aggregation groups stored, one row per group (the index a reload reads).
+pub(crate) const AGGREGATION_GROUPS: TableDefinition<(&str, &str), (&str, u64, u64, u64)> =
+    TableDefinition::new("aggregation_groups");
+
+/// `(repository, group_id, index) -> frame(entry)`: each group's entries, `index` counting from
+/// 0 in arrival order, so one range reads a group in order.
+pub(crate) const AGGREGATION_ENTRIES: TableDefinition<(&str, &str, u64), &[u8]> =
+    TableDefinition::new("aggregation_entries");
+
 /// `key -> value`: small values sources keep across restarts (a polling source's watermark).
 pub(crate) const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");

@@ -14,7 +14,7 @@
 //! database is closed fail at once with the reason; nothing is queued behind a broken disk.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -152,6 +152,8 @@ pub(crate) struct Writer {
     sender: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
     commits: Arc<AtomicU64>,
+    /// Whether the disk reserve is released (mirrors the writer thread's state, for health).
+    reserve_released: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -159,15 +161,24 @@ impl Writer {
         let (sender, receiver) = mpsc::channel();
         let commits = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&commits);
+        let health = Health::new(storage);
+        let reserve_released = Arc::clone(&health.released_flag);
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
-            .spawn(move || writer_loop(Health::new(storage), &receiver, config, &counter))
+            .spawn(move || writer_loop(health, &receiver, config, &counter))
             .map_err(StoreError::Thread)?;
         Ok(Self {
             sender: Some(sender),
             thread: Some(thread),
             commits,
+            reserve_released,
         })
+    }
+
+    /// Whether the disk reserve is released now: the disk filled up, requests that store new
+    /// payloads are refused, and draining runs on the reserve's room.
+    pub(crate) fn reserve_released(&self) -> bool {
+        self.reserve_released.load(Ordering::SeqCst)
     }
 
     /// Commits made so far (batches, not requests).
@@ -242,6 +253,8 @@ struct Health {
     reserve: Option<Reserve>,
     /// Whether the reserve is released (then [`Room::Grows`] requests are refused).
     released: bool,
+    /// `released`, readable from other threads (see [`Writer::reserve_released`]).
+    released_flag: Arc<AtomicBool>,
     refill_at: Instant,
     refill_backoff: Backoff,
 }
@@ -262,6 +275,7 @@ impl Health {
             reopen_backoff: Backoff::new(),
             reserve,
             released: !held,
+            released_flag: Arc::new(AtomicBool::new(!held)),
             refill_at: now,
             refill_backoff: Backoff::new(),
         }
@@ -296,6 +310,7 @@ impl Health {
             let filled = self.reserve.as_ref().is_some_and(|r| r.refill().is_ok());
             if filled {
                 self.released = false;
+                self.released_flag.store(false, Ordering::SeqCst);
                 self.refill_backoff = Backoff::new();
             } else {
                 self.refill_at = now + self.refill_backoff.next();
@@ -323,6 +338,7 @@ impl Health {
             // Before the reopen: opening may itself need to write.
             reserve.release();
             self.released = true;
+            self.released_flag.store(true, Ordering::SeqCst);
             self.refill_backoff = Backoff::new();
             self.refill_at = Instant::now() + self.refill_backoff.next();
         }
@@ -356,9 +372,15 @@ impl Health {
         if batch.is_empty() {
             return;
         }
-        if let Err(failure) = commit_batch(&db, batch, commits) {
+        let (verdict, completions) = commit_batch(&db, batch, commits);
+        if let Err(failure) = &verdict {
             drop(db);
-            self.failed(&failure);
+            // Before any caller hears of the failure: one refused for a full disk then finds
+            // the reserve reported in use.
+            self.failed(failure);
+        }
+        for completion in completions {
+            completion(verdict.clone());
         }
     }
 }
@@ -432,17 +454,22 @@ fn collect_batch(
     batch
 }
 
-/// Runs and commits one batch, counting the commit before any caller hears of it; returns why
-/// it failed, if it did.
-fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) -> Result<(), CommitFailure> {
+/// Runs and commits one batch, counting the commit; returns the verdict and the completions to
+/// deliver it to, which the caller runs once it has reacted to a failure.
+fn commit_batch(
+    db: &Database,
+    batch: Vec<Job>,
+    commits: &AtomicU64,
+) -> (Result<(), CommitFailure>, Vec<Completion>) {
     let mut txn = match begin(db) {
         Ok(txn) => txn,
         Err(error) => {
             let failure = CommitFailure::new(&error);
-            for job in batch {
-                job.refuse(&failure);
-            }
-            return Err(failure);
+            let completions = batch
+                .into_iter()
+                .map(|job| (job.work)(None).completion)
+                .collect();
+            return (Err(failure), completions);
         }
     };
     let mut ran = Vec::with_capacity(batch.len());
@@ -468,10 +495,10 @@ fn commit_batch(db: &Database, batch: Vec<Job>, commits: &AtomicU64) -> Result<(
     if verdict.is_ok() {
         commits.fetch_add(1, Ordering::SeqCst);
     }
-    for outcome in ran {
-        (outcome.completion)(verdict.clone());
-    }
-    verdict
+    (
+        verdict,
+        ran.into_iter().map(|outcome| outcome.completion).collect(),
+    )
 }
 
 fn begin(db: &Database) -> Result<WriteTransaction, StoreError> {

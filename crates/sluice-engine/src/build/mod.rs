@@ -316,7 +316,7 @@ fn build_steps(
         }
     }
     let built: Arc<[Step]> = built.into();
-    let _ = slot.set(Arc::clone(&built));
+    let _ = slot.set(Arc::downgrade(&built));
     Pipeline::shared(built)
 }
 

@@ -83,6 +83,36 @@ same value everywhere, or leave it out here",
     Ok(store)
 }
 
+/// The name of the runtime's own store in `backend:` (the one `sluice run --data DIR` opens).
+pub(crate) const RUNTIME_STORE: &str = "store";
+
+/// Whether `backend` asks for the runtime's own store, `backend: {store: {}}`: the step then
+/// keeps its state in the process's durable store (see `durable.rs`), which survives restarts
+/// but is not shared with other instances. It takes no options yet; the empty object leaves room
+/// for some without changing the shape.
+pub(crate) fn runtime_store(backend: Option<&serde_json::Value>) -> Result<bool, BuildError> {
+    let Some(map) = backend.and_then(serde_json::Value::as_object) else {
+        return Ok(false);
+    };
+    let Some(config) = map.get(RUNTIME_STORE) else {
+        return Ok(false);
+    };
+    if map.len() != 1 {
+        return Err(BuildError::field(
+            "backend",
+            "give exactly one store, e.g. `backend: {store: {}}`",
+        ));
+    }
+    match config.as_object() {
+        Some(options) if options.is_empty() => Ok(true),
+        _ if config.is_null() => Ok(true),
+        _ => Err(BuildError::field(
+            format!("backend.{RUNTIME_STORE}"),
+            "the runtime's store takes no options: write `backend: {store: {}}`",
+        )),
+    }
+}
+
 /// The remote store a step asked for with `backend: {<name>: {...}}`, built by the connector
 /// that registered `<name>`; `None` when the in-memory store is used instead (no `backend`, or a
 /// flow test). `pick` chooses the factory of the store's kind; a backend without one is a build
@@ -185,6 +215,19 @@ mod tests {
         let a = resolve(&resources, &request(None, None), make).unwrap();
         let b = resolve(&resources, &request(None, None), make).unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
+    }
+
+    #[test]
+    fn the_runtime_store_is_recognised_and_takes_no_options() {
+        use serde_json::json;
+        assert!(!runtime_store(None).unwrap());
+        assert!(!runtime_store(Some(&json!({"redis": {}}))).unwrap());
+        assert!(runtime_store(Some(&json!({"store": {}}))).unwrap());
+        assert!(runtime_store(Some(&json!({"store": null}))).unwrap());
+        let e = runtime_store(Some(&json!({"store": {"path": "x"}}))).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("backend.store"));
+        let e = runtime_store(Some(&json!({"store": {}, "redis": {}}))).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("backend"));
     }
 
     #[test]

@@ -50,7 +50,13 @@ impl Dispatch for Collected {
 
 impl TestSteps {
     pub(crate) fn new() -> Self {
-        Self::with_resources(Arc::new(Resources::default()))
+        let resources = Arc::new(Resources::default());
+        // Steps with `backend: {store: {}}` get a store in memory, never a `./data` directory
+        // in the crate.
+        resources
+            .get_or_default::<crate::durable::DurableStore>()
+            .use_memory();
+        Self::with_resources(resources)
     }
 
     fn with_resources(resources: Arc<Resources>) -> Self {

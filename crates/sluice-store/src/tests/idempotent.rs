@@ -76,3 +76,69 @@ async fn of_concurrent_claims_exactly_one_wins() {
     }
     assert_eq!(claimed, 1);
 }
+
+#[tokio::test]
+async fn a_claim_dies_with_the_run_that_made_it_and_a_confirmed_key_survives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let store = open(tmp.path(), &clock);
+    let keys = store.idempotent_keys("r");
+    assert_eq!(
+        keys.try_claim("in-flight", TTL).await.unwrap(),
+        Claim::Claimed
+    );
+    assert_eq!(keys.try_claim("done", TTL).await.unwrap(), Claim::Claimed);
+    keys.confirm("done", TTL).await.unwrap();
+    assert_eq!(keys.stored().unwrap(), 2);
+    drop((keys, store));
+
+    let store = open(tmp.path(), &clock);
+    assert_eq!(
+        store.open_report().entries_read,
+        1,
+        "open reads the one claim, not the confirmed key"
+    );
+    let keys = store.idempotent_keys("r");
+    assert_eq!(keys.stored().unwrap(), 1);
+    assert_eq!(
+        keys.try_claim("in-flight", TTL).await.unwrap(),
+        Claim::Claimed,
+        "its message is redelivered and must be processed"
+    );
+    assert_eq!(keys.try_claim("done", TTL).await.unwrap(), Claim::Duplicate);
+    // A claim confirmed, then released, leaves nothing behind for the next open.
+    keys.confirm("in-flight", TTL).await.unwrap();
+    keys.release("in-flight").await.unwrap();
+    drop((keys, store));
+    let store = open(tmp.path(), &clock);
+    assert_eq!(store.open_report().entries_read, 0);
+    assert_eq!(store.idempotent_keys("r").stored().unwrap(), 1);
+}
+
+#[tokio::test]
+async fn stored_counts_one_repository_and_purge_empties_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = clock();
+    let store = open(tmp.path(), &clock);
+    let (a, ab, b) = (
+        store.idempotent_keys("a"),
+        store.idempotent_keys("ab"),
+        store.idempotent_keys("b"),
+    );
+    a.confirm("1", Duration::from_secs(1)).await.unwrap();
+    a.try_claim("2", Duration::from_secs(1)).await.unwrap();
+    ab.confirm("1", TTL).await.unwrap();
+    b.confirm("1", TTL).await.unwrap();
+    assert_eq!((a.stored().unwrap(), ab.stored().unwrap()), (2, 1));
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(a.purge_expired(100).await.unwrap(), 2);
+    assert_eq!(a.stored().unwrap(), 0);
+    assert_eq!(b.stored().unwrap(), 1);
+    drop((a, ab, b, store));
+    let store = open(tmp.path(), &clock);
+    assert_eq!(
+        store.open_report().entries_read,
+        0,
+        "the purged claim left the claims index too"
+    );
+}

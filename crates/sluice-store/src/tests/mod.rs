@@ -1,5 +1,6 @@
 //! Behaviour of the store through its public API, on real files in a temporary directory.
 
+mod aggregation;
 mod checkpoints;
 mod dead_letters;
 mod idempotent;

@@ -1,8 +1,9 @@
 //! The admin HTTP API: what operators and monitoring ask a running Sluice.
 //!
 //! * `GET /metrics`: every counter in the Prometheus text format (flows, circuit breakers).
-//! * `GET /health`: each flow's health as JSON; 200 when no flow has failed or is unhealthy (a
-//!   component that cannot reach its service), 503 otherwise, so a
+//! * `GET /health`: each flow's health as JSON, and the durable store's once it is open; 200
+//!   when no flow has failed or is unhealthy (a component that cannot reach its service) and the
+//!   store is not degraded (its disk reserve in use: the disk is full), 503 otherwise, so a
 //!   load balancer or an orchestrator's probe can use it as is.
 //! * `/dlq`: the dead-letter store (`dlq.rs`): list, show, delete and replay letters.
 //!
@@ -28,6 +29,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use sluice_core::Resources;
+use sluice_engine::durable::DurableStore;
 use sluice_engine::flow::Flow;
 use sluice_engine::metrics;
 use sluice_engine::runtime::{Health, HealthBoard, Runtime};
@@ -147,7 +149,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             "text/plain; version=0.0.4; charset=utf-8",
             metrics::render(&state.resources),
         ),
-        "/health" => health(&state.health),
+        "/health" => health(&state.health, &state.resources),
         _ => reply(
             StatusCode::NOT_FOUND,
             "application/json",
@@ -157,11 +159,28 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
-fn health(board: &HealthBoard) -> Response<Full<Bytes>> {
+fn health(board: &HealthBoard, resources: &Resources) -> Response<Full<Bytes>> {
     let flows = board.snapshot();
-    let failed = flows
-        .values()
-        .any(|h| matches!(h, Health::Failed(_) | Health::Unhealthy(_)));
+    let store = resources
+        .get_or_default::<DurableStore>()
+        .reserve_in_use()
+        .map(|in_use| {
+            if in_use {
+                json!({
+                    "state": "degraded",
+                    "error": "the disk of the data directory is full: new messages are refused \
+(503, nack) while consumers drain on the disk reserve; free space on that disk, and the store \
+takes messages again by itself",
+                })
+            } else {
+                json!({"state": "ok"})
+            }
+        });
+    let store_degraded = store.as_ref().is_some_and(|s| s["state"] == "degraded");
+    let failed = store_degraded
+        || flows
+            .values()
+            .any(|h| matches!(h, Health::Failed(_) | Health::Unhealthy(_)));
     let report: serde_json::Map<String, serde_json::Value> = flows
         .into_iter()
         .map(|(name, h)| {
@@ -179,11 +198,11 @@ fn health(board: &HealthBoard) -> Response<Full<Bytes>> {
     } else {
         (StatusCode::OK, "ok")
     };
-    reply(
-        status,
-        "application/json",
-        json!({"status": summary, "flows": report}).to_string(),
-    )
+    let mut body = json!({"status": summary, "flows": report});
+    if let Some(store) = store {
+        body["store"] = store;
+    }
+    reply(status, "application/json", body.to_string())
 }
 
 pub(crate) fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {

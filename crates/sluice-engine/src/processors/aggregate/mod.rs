@@ -1,5 +1,6 @@
 //! `aggregate`: combines related messages into one (EIP Aggregator).
 
+mod durable;
 mod memory;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use sluice_core::{
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use self::durable::StoredGroups;
 use self::memory::MemoryAggregationRepository;
 use super::split::{CORRELATION_HEADER, INDEX_HEADER, LAST_HEADER, SIZE_HEADER};
 use super::{common, message_key};
@@ -85,8 +87,21 @@ fails with `unavailable` (retry later, when groups have completed). A group hold
 `max_group_size` messages: with `on_max_group_size: complete` (default) the message that fills \
 it completes it (`completed_by: max_group_size`); with `fail` a message that would exceed it \
 fails with `rejected` and the group is unchanged.\n\n\
-**State.** Group contents live in an aggregation repository (in memory, private to the step); \
-acknowledgement shares always stay in memory.",
+**State.** By default group contents live in memory, private to the step, and \
+acknowledgement shares stay in memory with them (as above).\n\n\
+**Persistent groups.** With `backend: {store: {}}` groups live in the runtime's own store (the \
+data directory of `sluice run --data DIR`; in memory under `sluice validate`/`test`), under the \
+flow's name and the step's `id` (give the step an `id`, so an edit of the flow keeps its groups). \
+Each message is **acknowledged once it is durably in its group**: the source may forget it. A \
+completed group's aggregate then carries its own acknowledgement: the group is deleted from the \
+store once every target committed the aggregate (or its failure was handled by `on_error` or \
+`dead_letter`; a failed group's body is then the array of its messages' bodies). A stop leaves \
+the open groups stored, and the next start reloads them: a timeout counts from the last message \
+as stored (a group whose timeout passed while Sluice was down completes at once), a group that \
+already meets its condition completes at once, and an aggregate that was not delivered before \
+the stop is emitted again (at-least-once: a crash between delivery and the deletion commit may \
+emit it twice; a message redelivered by its source after a crash between its commit and its \
+acknowledgement joins its group twice). A full disk fails new messages with `unavailable`.",
     )
     .field(
         FieldSpec::new(
@@ -156,6 +171,11 @@ acknowledgement shares always stay in memory.",
         )
         .default_value("complete"),
     )
+    .field(FieldSpec::new(
+        "backend",
+        FieldType::Any,
+        "Keep groups in the runtime's store instead of memory, across restarts: `{store: {}}`. Messages are then acknowledged once stored.",
+    ))
     .example(
         "Reassemble each split, summing the parts",
         "on_split_complete: true\naggregation: 'map(.amount) | add'\ntimeout: 30s\n",
@@ -163,6 +183,10 @@ acknowledgement shares always stay in memory.",
     .example(
         "Batch an order's lines ten at a time, or after 5s of quiet",
         "correlation: '.order_id'\nsize: 10\ntimeout: 5s\naggregation: '{order_id: .[0].order_id, lines: .}'\n",
+    )
+    .example(
+        "Batch an order's lines ten at a time, keeping open batches across restarts",
+        "correlation: '.order_id'\nsize: 10\ntimeout: 1m\nbackend: {store: {}}\n",
     )
     .example(
         "Collect readings until the total passes 100, flushing every minute",
@@ -195,6 +219,7 @@ struct Config {
     max_group_size: usize,
     #[serde(default)]
     on_max_group_size: OnFull,
+    backend: Option<Value>,
 }
 
 // The defaults repeat the spec's, for configurations that did not go through validation (tests).
@@ -237,26 +262,80 @@ or `on_split_complete: true`",
         Some(code) => Some(ctx.steps.compile_jq("predicate", code)?),
         None => None,
     };
-    Ok(Arc::new(Aggregate {
-        inner: Arc::new(Inner {
-            correlation,
-            aggregation,
-            completion: Completion {
-                size: config.size.filter(|&n| n > 0),
-                timeout,
-                interval,
-                predicate,
-                on_split_complete: config.on_split_complete,
-            },
-            max_groups: config.max_groups.max(1),
-            max_group_size: config.max_group_size.max(1),
-            on_full: config.on_max_group_size,
-            repository: Arc::new(MemoryAggregationRepository::default()),
-            open: Mutex::new(Open::default()),
-            ticking: OnceLock::new(),
-            downstream: Arc::clone(&ctx.downstream),
-        }),
-    }))
+    let repo = repository(config.backend.as_ref(), ctx)?;
+    let stored = matches!(repo, Repo::Store(_));
+    let inner = Arc::new(Inner {
+        correlation,
+        aggregation,
+        completion: Completion {
+            size: config.size.filter(|&n| n > 0),
+            timeout,
+            interval,
+            predicate,
+            on_split_complete: config.on_split_complete,
+        },
+        max_groups: config.max_groups.max(1),
+        max_group_size: config.max_group_size.max(1),
+        on_full: config.on_max_group_size,
+        repo,
+        open: Mutex::new(Open::default()),
+        ticking: OnceLock::new(),
+        reloaded: tokio::sync::OnceCell::new(),
+        downstream: Arc::clone(&ctx.downstream),
+    });
+    if stored {
+        spawn_reload(Arc::downgrade(&inner));
+    }
+    Ok(Arc::new(Aggregate { inner }))
+}
+
+/// Where the step keeps its groups: in memory, or in the runtime's store with
+/// `backend: {store: {}}` (named after the flow and the step).
+fn repository(backend: Option<&Value>, ctx: &BuildContext<'_>) -> Result<Repo, BuildError> {
+    let Some(backend) = backend else {
+        return Ok(Repo::Memory(Arc::new(
+            MemoryAggregationRepository::default(),
+        )));
+    };
+    if !super::named_store::runtime_store(Some(backend))? {
+        return Err(BuildError::field(
+            "backend",
+            "`aggregate` keeps its groups in memory, or in the runtime's store with \
+`backend: {store: {}}`",
+        ));
+    }
+    let durable = ctx
+        .resources
+        .get_or_default::<crate::durable::DurableStore>();
+    let store = durable
+        .store()
+        .map_err(|e| BuildError::field("backend.store", e.message))?;
+    let name = format!("{}/{}", ctx.flow, ctx.id);
+    Ok(Repo::Store(StoredGroups::new(
+        store.aggregation_groups(&name),
+    )))
+}
+
+/// Reloads the stored groups once the flow is built (the downstream is ready then), from a task
+/// on the current runtime; none without one (nothing runs then anyway).
+fn spawn_reload(inner: Weak<Inner>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        loop {
+            let Some(this) = inner.upgrade() else {
+                // The flow was dropped before it ran (a failed build, `sluice validate`).
+                return;
+            };
+            if this.downstream.is_ready() {
+                this.reload_once().await;
+                return;
+            }
+            drop(this);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
 }
 
 /// The conditions that complete a group.
@@ -305,6 +384,8 @@ struct Group {
     last_seen: Instant,
     /// Tells this group from a later group under the same key, for its timeout task.
     generation: u64,
+    /// Its id in the repository: the correlation key in memory, a UUID in the store.
+    id: String,
 }
 
 #[derive(Default)]
@@ -321,12 +402,16 @@ struct Inner {
     max_groups: usize,
     max_group_size: usize,
     on_full: OnFull,
-    repository: Arc<dyn AggregationRepository>,
+    repo: Repo,
     /// The open groups. An async lock, held across repository calls, so a group's map entry and
     /// its repository entries change together.
     open: Mutex<Open>,
     /// Set once the interval task runs.
     ticking: OnceLock<()>,
+    /// Set once the stored groups were reloaded (store only): by the task started at build, or
+    /// by the first message if it comes first, so no message joins a group before the stored
+    /// ones are open again.
+    reloaded: tokio::sync::OnceCell<()>,
     downstream: Arc<dyn Dispatch>,
 }
 
@@ -334,13 +419,60 @@ struct Aggregate {
     inner: Arc<Inner>,
 }
 
+/// The repository of a step's groups.
+enum Repo {
+    /// Contents only, keyed by correlation key; the messages' acknowledgements wait in the
+    /// group's carrier.
+    Memory(Arc<dyn AggregationRepository>),
+    /// Whole messages, keyed by group id, acknowledged once stored.
+    Store(StoredGroups),
+}
+
+fn entry_of(msg: &Message) -> GroupEntry {
+    GroupEntry {
+        body: msg.body.clone(),
+        headers: msg.headers.clone(),
+    }
+}
+
+impl Repo {
+    /// Adds `msg` to group `id` (correlation `key`); the group's size afterwards.
+    async fn append(&self, id: &str, key: &str, msg: &Message) -> Result<usize, ProcessError> {
+        match self {
+            Repo::Memory(repository) => repository.append(id, entry_of(msg)).await,
+            Repo::Store(groups) => groups.append(id, key, msg).await,
+        }
+    }
+
+    /// The entries of group `id`, oldest first.
+    async fn entries(&self, id: &str) -> Result<Option<Vec<GroupEntry>>, ProcessError> {
+        match self {
+            Repo::Memory(repository) => repository.entries(id).await,
+            Repo::Store(groups) => Ok(groups
+                .messages(id)?
+                .map(|messages| messages.iter().map(entry_of).collect())),
+        }
+    }
+
+    /// The entries of a group that completed. In memory they are removed now; in the store they
+    /// stay until the aggregate is settled (see [`Inner::seal`]).
+    async fn take(&self, id: &str) -> Result<Option<Vec<GroupEntry>>, ProcessError> {
+        match self {
+            Repo::Memory(repository) => repository.remove(id).await,
+            Repo::Store(_) => self.entries(id).await,
+        }
+    }
+}
+
 impl Inner {
     /// Adds `msg` to the group `key`; completes the group when a condition holds. `None`: the
-    /// group is still open and holds the message's shares; a failure to complete the group hands
-    /// back every message's shares in the failure.
+    /// group is still open and holds the message's shares (in memory) or the message was
+    /// acknowledged once stored (in the store); a failure to complete the group hands back every
+    /// message's shares in the failure.
     // The message goes back in the `Failure`, so the error is as large as the message.
     #[allow(clippy::result_large_err)]
     async fn join(self: &Arc<Self>, key: String, msg: Message) -> Result<Option<Message>, Failure> {
+        self.reload_once().await;
         let split_size = if self.completion.on_split_complete {
             split_size(&msg)
         } else {
@@ -370,57 +502,49 @@ impl Inner {
             );
             return Err(Failure::new(msg, error));
         }
-        let entry = GroupEntry {
-            body: msg.body.clone(),
-            headers: msg.headers.clone(),
+        let id = match (open.groups.get(&key), &self.repo) {
+            (Some(group), _) => group.id.clone(),
+            (None, Repo::Memory(_)) => key.clone(),
+            (None, Repo::Store(_)) => StoredGroups::new_id(),
         };
-        let size = match self.repository.append(&key, entry).await {
+        let size = match self.repo.append(&id, &key, &msg).await {
             Ok(size) => size,
             Err(e) => return Err(Failure::new(msg, e)),
         };
         let generation = open.next_generation;
-        let group = open.groups.entry(key.clone()).or_insert_with(|| {
-            let mut carrier = msg.detached().derive(Body::default());
-            for name in [INDEX_HEADER, SIZE_HEADER, LAST_HEADER, CORRELATION_HEADER] {
-                carrier.headers.remove(name);
-            }
-            Group {
-                carrier,
-                count: 0,
-                expected: None,
-                last_seen: Instant::now(),
-                generation,
-            }
+        let group = open.groups.entry(key.clone()).or_insert_with(|| Group {
+            carrier: carrier_of(&msg),
+            count: 0,
+            expected: None,
+            last_seen: Instant::now(),
+            generation,
+            id,
         });
         let created = group.count == 0;
         group.count = size;
         group.last_seen = Instant::now();
-        group.carrier.absorb_acks(msg);
+        match self.repo {
+            Repo::Memory(_) => group.carrier.absorb_acks(msg),
+            // On disk now: the source may forget it.
+            Repo::Store(_) => msg.ack(),
+        }
         if let Some(n) = split_size {
             group.expected.get_or_insert(n);
         }
+        let deadline = group.last_seen;
         if created {
             open.next_generation += 1;
             if let Some(timeout) = self.completion.timeout {
-                self.watch_inactivity(key.clone(), generation, timeout);
+                self.watch_inactivity(key.clone(), generation, deadline + timeout, timeout);
             }
         }
         let group = &open.groups[&key];
-        let completed_by = if group.expected.is_some_and(|n| group.count >= n) {
-            Some(CompletedBy::Split)
-        } else if self.completion.size.is_some_and(|n| group.count >= n) {
-            Some(CompletedBy::Size)
-        } else if group.count >= self.max_group_size && self.on_full == OnFull::Complete {
-            Some(CompletedBy::MaxGroupSize)
-        } else {
-            None
-        };
-        if let Some(by) = completed_by {
-            let entries = self.repository.remove(&key).await;
+        if let Some(by) = self.completed_by(group) {
             // Present: it was looked up above, under the same lock.
             let Some(group) = open.groups.remove(&key) else {
                 return Ok(None);
             };
+            let entries = self.repo.take(&group.id).await;
             drop(open);
             return self.finish(&key, group, entries, by).await.map(Some);
         }
@@ -429,10 +553,11 @@ impl Inner {
         };
         // The predicate looks at the aggregated value, so the group is aggregated now; a
         // failure here fails the whole group (its messages are in it already).
-        let verdict = match self.repository.entries(&key).await {
+        let entries = self.repo.entries(&group.id).await;
+        let verdict = match &entries {
             Ok(entries) => {
-                let entries = entries.unwrap_or_default();
-                match self.aggregate_value(&entries, &group.carrier).await {
+                let entries = entries.as_deref().unwrap_or_default();
+                match self.aggregate_value(entries, &group.carrier).await {
                     Ok(value) => {
                         let value = Arc::new(value);
                         predicate
@@ -443,17 +568,17 @@ impl Inner {
                     Err(e) => Err(e),
                 }
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.clone()),
         };
         match verdict {
             Ok(None) => Ok(None),
             Ok(Some(value)) => {
-                let group = open.groups.remove(&key);
-                let removed = self.repository.remove(&key).await;
-                drop(open);
-                let Some(group) = group else {
+                let Some(group) = open.groups.remove(&key) else {
                     return Ok(None);
                 };
+                let removed = self.repo.take(&group.id).await;
+                drop(open);
+                let group = self.seal(group);
                 if let Err(e) = removed {
                     return Err(Failure::new(group.carrier, e));
                 }
@@ -462,14 +587,49 @@ impl Inner {
             }
             Err(e) => {
                 let group = open.groups.remove(&key);
-                let _ = self.repository.remove(&key).await;
+                if let Some(group) = &group {
+                    let _ = self.repo.take(&group.id).await;
+                }
                 drop(open);
                 match group {
-                    Some(group) => Err(Failure::new(group.carrier, e)),
+                    Some(group) => Err(self.failed(group, entries.ok().flatten().as_deref(), e)),
                     None => Ok(None),
                 }
             }
         }
+    }
+
+    /// Which condition, checked on the group's size, completes it now.
+    fn completed_by(&self, group: &Group) -> Option<CompletedBy> {
+        if group.expected.is_some_and(|n| group.count >= n) {
+            Some(CompletedBy::Split)
+        } else if self.completion.size.is_some_and(|n| group.count >= n) {
+            Some(CompletedBy::Size)
+        } else if group.count >= self.max_group_size && self.on_full == OnFull::Complete {
+            Some(CompletedBy::MaxGroupSize)
+        } else {
+            None
+        }
+    }
+
+    /// Prepares a group taken out of the open ones for its aggregate: in the store, the
+    /// aggregate (or its failure) carries the acknowledgement that deletes the stored group.
+    fn seal(&self, mut group: Group) -> Group {
+        if let Repo::Store(groups) = &self.repo {
+            group.carrier = group.carrier.with_ack(groups.settle_token(&group.id));
+        }
+        group
+    }
+
+    /// The failure of a group. In the store its inputs were acknowledged already, so the
+    /// failure carries their bodies (as the array `aggregation` would have seen) for a dead
+    /// letter to keep.
+    fn failed(&self, group: Group, entries: Option<&[GroupEntry]>, error: ProcessError) -> Failure {
+        let mut group = self.seal(group);
+        if let (Repo::Store(_), Some(entries)) = (&self.repo, entries) {
+            group.carrier.body = Body::from_json(Value::Array(bodies(entries)));
+        }
+        Failure::new(group.carrier, error)
     }
 
     /// Turns a removed group into its aggregate, or the failure that nacks its messages.
@@ -482,11 +642,11 @@ impl Inner {
     ) -> Result<Message, Failure> {
         let entries = match entries {
             Ok(entries) => entries.unwrap_or_default(),
-            Err(e) => return Err(Failure::new(group.carrier, e)),
+            Err(e) => return Err(self.failed(group, None, e)),
         };
         match self.aggregate_value(&entries, &group.carrier).await {
-            Ok(value) => Ok(label(group, key, value, by)),
-            Err(e) => Err(Failure::new(group.carrier, e)),
+            Ok(value) => Ok(label(self.seal(group), key, value, by)),
+            Err(e) => Err(self.failed(group, Some(&entries), e)),
         }
     }
 
@@ -506,14 +666,7 @@ impl Inner {
                     .unwrap_or(u64::MAX)
             });
         }
-        let bodies: Vec<Value> = ordered
-            .into_iter()
-            .map(|e| match e.body.json() {
-                Ok(value) => value.clone(),
-                Err(_) => Value::String(e.body.to_text()),
-            })
-            .collect();
-        let bodies = Value::Array(bodies);
+        let bodies = Value::Array(bodies(ordered));
         let Some(program) = &self.aggregation else {
             return Ok(bodies);
         };
@@ -530,11 +683,18 @@ impl Inner {
             })
     }
 
-    /// Completes the group `key` once it has been quiet for `timeout`.
-    fn watch_inactivity(self: &Arc<Self>, key: String, generation: u64, timeout: Duration) {
+    /// Completes the group `key` once it has been quiet for `timeout`, first checking at
+    /// `deadline`.
+    fn watch_inactivity(
+        self: &Arc<Self>,
+        key: String,
+        generation: u64,
+        deadline: Instant,
+        timeout: Duration,
+    ) {
         let inner = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut deadline = Instant::now() + timeout;
+            let mut deadline = deadline;
             loop {
                 tokio::time::sleep_until(deadline).await;
                 let Some(this) = Weak::upgrade(&inner) else {
@@ -554,7 +714,7 @@ impl Inner {
                 let Some(group) = open.groups.remove(&key) else {
                     return;
                 };
-                let entries = this.repository.remove(&key).await;
+                let entries = this.repo.take(&group.id).await;
                 drop(open);
                 let result = this
                     .finish(&key, group, entries, CompletedBy::Timeout)
@@ -585,7 +745,7 @@ impl Inner {
                 let groups = std::mem::take(&mut open.groups);
                 let mut completed = Vec::with_capacity(groups.len());
                 for (key, group) in groups {
-                    let entries = this.repository.remove(&key).await;
+                    let entries = this.repo.take(&group.id).await;
                     completed.push((key, group, entries));
                 }
                 drop(open);
@@ -601,6 +761,100 @@ impl Inner {
                 futures_util::future::join_all(emits).await;
             }
         });
+    }
+
+    /// Reloads the stored groups unless that was done (store only; at once in memory).
+    async fn reload_once(self: &Arc<Self>) {
+        if matches!(self.repo, Repo::Store(_)) {
+            self.reloaded.get_or_init(|| self.reload()).await;
+        }
+    }
+
+    /// Reopens the groups stored by a previous run: each is open again with its messages, its
+    /// size and the time of its last message as stored, so a timeout counts from then, not from
+    /// the restart. A group that already meets a condition (its aggregate was not delivered
+    /// before the stop) completes at once; so does an older group whose key a newer stored group
+    /// shares (it had completed by a timer).
+    async fn reload(self: &Arc<Self>) {
+        let Repo::Store(store) = &self.repo else {
+            return;
+        };
+        let stored = match store.list() {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::error!(%error, "cannot reload the stored aggregation groups; they stay stored for the next start");
+                return;
+            }
+        };
+        let mut open = self.open.lock().await;
+        let mut due = Vec::new();
+        for stored in stored {
+            let messages = match store.messages(&stored.id) {
+                Ok(Some(messages)) if !messages.is_empty() => messages,
+                Ok(_) => continue,
+                Err(error) => {
+                    tracing::error!(group = %stored.id, %error, "a stored aggregation group cannot be read; it is left in the store");
+                    continue;
+                }
+            };
+            if let Some(older) = open.groups.remove(&stored.key) {
+                let by = if self.completion.timeout.is_some() {
+                    CompletedBy::Timeout
+                } else {
+                    CompletedBy::Interval
+                };
+                due.push((stored.key.clone(), older, by));
+            }
+            let age = Duration::from_millis(now_ms().saturating_sub(stored.last_at_ms));
+            let now = Instant::now();
+            let group = Group {
+                carrier: carrier_of(&messages[0]),
+                count: messages.len(),
+                expected: messages.iter().find_map(split_size),
+                last_seen: now.checked_sub(age).unwrap_or(now),
+                generation: open.next_generation,
+                id: stored.id,
+            };
+            open.next_generation += 1;
+            if let Some(by) = self.completed_by(&group) {
+                due.push((stored.key, group, by));
+                continue;
+            }
+            if let Some(predicate) = &self.completion.predicate {
+                let entries: Vec<GroupEntry> = messages.iter().map(entry_of).collect();
+                let holds = match self.aggregate_value(&entries, &group.carrier).await {
+                    Ok(value) => predicate
+                        .test(Arc::new(value), &group.carrier)
+                        .await
+                        .unwrap_or(false),
+                    Err(_) => false,
+                };
+                if holds {
+                    due.push((stored.key, group, CompletedBy::Predicate));
+                    continue;
+                }
+            }
+            if let Some(timeout) = self.completion.timeout {
+                let deadline = group.last_seen + timeout;
+                self.watch_inactivity(stored.key.clone(), group.generation, deadline, timeout);
+            }
+            open.groups.insert(stored.key, group);
+        }
+        let reopened = open.groups.len();
+        drop(open);
+        if reopened + due.len() > 0 {
+            tracing::info!(
+                reopened,
+                completed = due.len(),
+                "aggregation groups reloaded from the store"
+            );
+        }
+        self.start_ticking();
+        for (key, group, by) in due {
+            let entries = self.repo.take(&group.id).await;
+            let result = self.finish(&key, group, entries, by).await;
+            self.emit(result).await;
+        }
     }
 
     /// Sends an aggregate completed by a timer through the rest of the flow.
@@ -620,6 +874,34 @@ impl Inner {
             }
         }
     }
+}
+
+/// The aggregate to be of a group whose first message is `first`: its headers (without the
+/// split's) and metadata, no body yet, no acknowledgement shares.
+fn carrier_of(first: &Message) -> Message {
+    let mut carrier = first.detached().derive(Body::default());
+    for name in [INDEX_HEADER, SIZE_HEADER, LAST_HEADER, CORRELATION_HEADER] {
+        carrier.headers.remove(name);
+    }
+    carrier
+}
+
+/// The bodies of `entries` as JSON values; a body that is not JSON becomes a string of its text.
+fn bodies<'a>(entries: impl IntoIterator<Item = &'a GroupEntry>) -> Vec<Value> {
+    entries
+        .into_iter()
+        .map(|e| match e.body.json() {
+            Ok(value) => value.clone(),
+            Err(_) => Value::String(e.body.to_text()),
+        })
+        .collect()
+}
+
+/// Now in milliseconds since the epoch, as the store stamps entries.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// The number of parts of the split `msg` is part of, when it tells: `sluice.split.size`, or the

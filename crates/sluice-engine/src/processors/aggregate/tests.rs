@@ -350,3 +350,88 @@ async fn every_input_is_acked_exactly_once_after_the_downstream_commit() {
     by_timer.into_iter().for_each(Message::ack);
     assert_eq!(seen(), [1, 1, 1]);
 }
+
+/// Resources whose durable store is in memory: steps built on them share it, as the steps of two
+/// runs share the data directory.
+fn stored_resources() -> Arc<sluice_core::Resources> {
+    let resources = Arc::new(sluice_core::Resources::default());
+    resources
+        .get_or_default::<crate::durable::DurableStore>()
+        .use_memory();
+    resources
+}
+
+fn stored_groups(resources: &sluice_core::Resources) -> Vec<sluice_store::StoredGroup> {
+    resources
+        .get_or_default::<crate::durable::DurableStore>()
+        .store()
+        .unwrap()
+        .aggregation_groups("test/aggregate")
+        .groups()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn stored_groups_ack_inputs_once_stored_and_are_reloaded_before_the_next_message() {
+    use crate::processors::testkit::build_with_resources;
+    let resources = stored_resources();
+    let config = json!({"correlation": "$headers.k", "size": 3, "backend": {"store": {}}});
+    let first_run = build_with_resources("aggregate", config.clone(), &resources);
+    for n in 1..=2 {
+        let (msg, rx) = keyed("a", json!(n));
+        assert!(process(&first_run, msg).await.unwrap().is_empty());
+        assert_eq!(rx.await.unwrap(), Outcome::Ack, "acked once stored");
+    }
+    drop(first_run);
+    assert_eq!(stored_groups(&resources)[0].size, 2);
+
+    // The next run's first message joins the stored group: the reload comes before it.
+    let second_run = build_with_resources("aggregate", config, &resources);
+    let (last, rx) = keyed("a", json!(3));
+    let out = process(&second_run, last).await.unwrap();
+    assert_eq!(rx.await.unwrap(), Outcome::Ack);
+    assert_eq!(out.len(), 1);
+    let aggregate = out.into_iter().next().unwrap();
+    assert_eq!(aggregate.body.json().unwrap(), &json!([1, 2, 3]));
+    assert_eq!(aggregate.headers[COMPLETED_BY_HEADER], "size");
+    assert_eq!(aggregate.headers["k"], "a", "the first message's headers");
+    assert_eq!(stored_groups(&resources).len(), 1, "kept until delivered");
+    aggregate.ack();
+    for _ in 0..200 {
+        if stored_groups(&resources).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the delivered group was not deleted");
+}
+
+#[tokio::test]
+async fn a_stored_group_that_fails_to_aggregate_carries_its_bodies_and_stays_on_a_nack() {
+    use crate::processors::testkit::build_with_resources;
+    let resources = stored_resources();
+    let config = json!({
+        "correlation": "$headers.k",
+        "size": 2,
+        "aggregation": "error(\"no\")",
+        "backend": {"store": {}}
+    });
+    let step = build_with_resources("aggregate", config, &resources);
+    let (one, _) = keyed("a", json!(1));
+    assert!(process(&step, one).await.unwrap().is_empty());
+    let (two, _) = keyed("a", json!("two"));
+    let failure = process(&step, two).await.unwrap_err();
+    assert_eq!(failure.message.body.json().unwrap(), &json!([1, "two"]));
+    failure.message.nack("nobody took it");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(stored_groups(&resources).len(), 1, "a nacked group stays");
+}
+
+#[test]
+fn a_backend_other_than_the_store_is_a_build_error() {
+    let e = try_build("aggregate", &json!({"size": 2, "backend": {"redis": {}}}))
+        .err()
+        .unwrap();
+    assert_eq!(e.field.as_deref(), Some("backend"));
+    assert!(e.message.contains("backend: {store: {}}"), "{e}");
+}

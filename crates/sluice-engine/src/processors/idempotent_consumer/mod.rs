@@ -1,6 +1,7 @@
 //! `idempotent_consumer`: lets each message key through once (EIP Idempotent Receiver).
 
 mod memory;
+mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +62,16 @@ most `max_keys` of them: expired keys are purged first; when every key is live, 
 closest to expiry is forgotten early; claims of messages in flight are never evicted, and when all \
 `max_keys` keys are in flight a new message fails with `unavailable`. Steps that give the same \
 `repository` name share one repository, in one flow or across flows. Memory is lost on restart.\n\n\
+**Persistent repository.** With `backend: {store: {}}`, keys live in the runtime's own store \
+(the data directory of `sluice run --data DIR`; in memory under `sluice validate`/`test`): a \
+duplicate is still recognised after a restart. The repository is the one named by `repository` \
+(steps giving the same name share it), else private to the step (named after the flow and the \
+step's `id` or position: give an `id` or a `repository` so an edit of the flow keeps the keys). A \
+confirmed key is kept for `ttl`, then forgotten; expired keys are removed from disk every minute. \
+`max_keys` does not apply. A claim (`eager: true`) belongs to its message in flight and does not \
+survive a restart: the source redelivers an interrupted message and it is processed, not dropped \
+as a duplicate of itself. A store that cannot write (a full disk) fails the message with \
+`unavailable`.\n\n\
 **Remote repository.** With `backend`, keys live in Redis (`SET NX PX`, keys `prefix` + key) or \
 a NATS KV bucket (atomic create/compare-and-set, each value carrying its expiry): they survive \
 restarts and are shared by every instance using the same store, so of several instances that \
@@ -100,13 +111,17 @@ receive the same message one processes it. A store that cannot be reached fails 
     .field(FieldSpec::new(
         "backend",
         FieldType::Any,
-        "A remote repository shared by every instance instead of memory: `{redis: {url, prefix}}` or `{nats_kv: {url, bucket, max_age}}` (with those connectors built in). `repository` and `max_keys` do not apply; flow tests use memory.",
+        "Where keys live instead of memory: `{store: {}}` (the runtime's own store, kept across restarts; `repository` names the key set), or a remote repository shared by every instance, `{redis: {url, prefix}}` or `{nats_kv: {url, bucket, max_age}}` (with those connectors built in; `repository` and `max_keys` do not apply, and flow tests use memory).",
     ))
     .shorthand("key")
     .example("Drop repeated orders by id", "key: .order_id\n")
     .example(
         "One repository for two flows, keyed by a header, failing duplicates",
         "key: '$headers[\"message-id\"]'\nrepository: inbound\non_duplicate: fail\nttl: 24h\nmax_keys: 100000\n",
+    )
+    .example(
+        "Remember order ids for a day, across restarts",
+        "key: .order_id\nrepository: orders\nttl: 24h\nbackend: {store: {}}\n",
     )
     .example(
         "Record keys only once processed",
@@ -153,6 +168,17 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let config: Config = common::config(config)?;
     let key = ctx.steps.compile_jq("key", &config.key)?;
     let ttl = ttl::checked(config.ttl.0)?;
+    if named_store::runtime_store(config.backend.as_ref())? {
+        let repository = runtime_store_repository(&config, ctx)?;
+        return Ok(Arc::new(IdempotentConsumer {
+            key,
+            repository,
+            ttl,
+            eager: config.eager,
+            on_duplicate: config.on_duplicate,
+            confirming: Arc::default(),
+        }));
+    }
     let remote =
         named_store::remote::<dyn IdempotentRepository>(ctx, config.backend.as_ref(), |b| {
             Some(b.repository)
@@ -179,6 +205,35 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
         on_duplicate: config.on_duplicate,
         confirming: Arc::default(),
     }))
+}
+
+/// The repository in the runtime's store: named by `repository`, else private to the step.
+fn runtime_store_repository(
+    config: &Config,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<dyn IdempotentRepository>, BuildError> {
+    if config.max_keys.is_some() {
+        return Err(BuildError::field(
+            "max_keys",
+            "`max_keys` bounds a repository in memory; the store keeps each key until its `ttl` \
+ends: remove `max_keys`, or `backend` to keep keys in memory",
+        ));
+    }
+    let name = match config.repository.as_deref() {
+        Some("") => return Err(BuildError::field("repository", "give a non-empty name")),
+        Some(name) => name.to_owned(),
+        None => format!("{}/{}", ctx.flow, ctx.id),
+    };
+    let durable = ctx
+        .resources
+        .get_or_default::<crate::durable::DurableStore>();
+    let store = durable
+        .store()
+        .map_err(|e| BuildError::field("backend.store", e.message))?;
+    Ok(Arc::new(store::StoreRepository::new(
+        durable,
+        store.idempotent_keys(&name),
+    )))
 }
 
 /// Keys whose message completed and whose confirmation is on its way to the repository. The
