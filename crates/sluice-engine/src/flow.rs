@@ -766,7 +766,7 @@ mod tests {
         let captured = Captured::default();
         let flow = Flow::with_options(
             Arc::from("f"),
-            Pipeline::shared(Arc::clone(steps.get().unwrap())),
+            Pipeline::shared(steps.get().unwrap().upgrade().unwrap()),
             Vec::new(),
             FlowOptions {
                 dead_letter: Some(Target {
