@@ -762,7 +762,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_message_its_source_delivers_again_is_nacked_until_its_last_delivery() {
-        let (_, steps, _, _) = flow();
+        // `_first` holds the steps: the slot only refers to them weakly.
+        let (_first, steps, _, _) = flow();
         let captured = Captured::default();
         let flow = Flow::with_options(
             Arc::from("f"),
