@@ -68,7 +68,9 @@ fn start(
     res: &Arc<Resources>,
 ) -> (JoinHandle<Result<(), SourceError>>, CancellationToken) {
     // tansu answers a group join only after about half the session timeout (45s by default).
-    config["properties"] = json!({"session.timeout.ms": "6000"});
+    if config.get("properties").is_none() {
+        config["properties"] = json!({"session.timeout.ms": "6000"});
+    }
     let source = build_source("kafka", config, res).expect("builds");
     let (ctx, shutdown) = source_ctx(dispatch, res, "kafka-in");
     (tokio::spawn(source.run(ctx)), shutdown)
@@ -563,6 +565,80 @@ async fn a_leaving_member_hands_its_partitions_to_the_other_without_losing_recor
     wait_for_commits(&brokers, &group, &topic, &expected).await;
     stop_a.cancel();
     task_a.await.unwrap().unwrap();
+    assert_eq!(
+        committed_on(&brokers, &group, &topic, 3),
+        expected,
+        "commits cover every record"
+    );
+}
+
+// A member whose `max_in_flight` slots are all taken pauses fetching but keeps polling, so it
+// serves the rebalance (gives partitions up, takes its new ones paused) and fetches again from
+// where it stopped once a slot frees. The mock coordinator elects a leader on a timer (session
+// timeout less a second) whether or not every member rejoined, so this test shows that nothing
+// is lost or reordered through pause, rebalance and resume; it cannot show the wait a member
+// that stopped polling imposed on Kafka itself (up to `max.poll.interval.ms`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_with_every_slot_taken_still_gives_partitions_up() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let topic = sluice_testkit::unique("sluice_full");
+    cluster.create_topic(&topic, 3, 1).unwrap();
+    produce_spread(&brokers, &topic, 3, 0..30).await;
+    let group = sluice_testkit::unique("g");
+    let config = json!({"brokers": brokers, "group_id": group, "topics": [topic],
+                        "commit_interval": "100ms", "max_in_flight": 1});
+    let res = Arc::new(Resources::default());
+    // a's flow holds every record until released: its one slot stays taken.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let a = TestDispatch::new(move |m: Message| {
+        let mut released = released.clone();
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            m.ack();
+            Ok(vec![])
+        }
+    });
+    let (task_a, stop_a) = start(config.clone(), a.clone(), &res);
+    wait_for("a's slot taken", 30, || a.count() >= 1).await;
+
+    let b = TestDispatch::echo();
+    let (task_b, stop_b) = start(config, b.clone(), &res);
+    let mut produced = 30;
+    for _ in 0..40 {
+        if b.count() > 0 {
+            break;
+        }
+        produce_spread(&brokers, &topic, 3, produced..produced + 3).await;
+        produced += 3;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        b.count() > 0,
+        "the second member got no partition while the first one's slots were taken"
+    );
+    release.send(true).unwrap();
+    let settled = produced;
+    produce_spread(&brokers, &topic, 3, produced..produced + 30).await;
+    produced += 30;
+    wait_for("every record", 60, || distinct(&[&a, &b]).len() == produced).await;
+    let (of_a, of_b) = (
+        partitions_seen(&a, settled..produced),
+        partitions_seen(&b, settled..produced),
+    );
+    assert!(
+        !of_a.is_empty() && !of_b.is_empty() && of_a.iter().all(|p| !of_b.contains(p)),
+        "a stayed in the group and shares: a {of_a:?}, b {of_b:?}"
+    );
+    assert_eq!(distinct(&[&a, &b]), (0..produced).collect(), "nothing lost");
+    assert_partition_order("a", &a.seen());
+    assert_partition_order("b", &b.seen());
+    let expected = expected_commits(produced, 3);
+    wait_for_commits(&brokers, &group, &topic, &expected).await;
+    stop_a.cancel();
+    stop_b.cancel();
+    task_a.await.unwrap().unwrap();
+    task_b.await.unwrap().unwrap();
     assert_eq!(
         committed_on(&brokers, &group, &topic, 3),
         expected,
