@@ -52,9 +52,24 @@ impl PartitionTrack {
         }
     }
 
-    /// The partition was revoked: nothing more is stored for it.
-    pub fn revoke(&self) {
+    /// The same partition assigned again to this member: its first message waits for `turn`,
+    /// the settlement of the last message handed out under the previous assignment, so a
+    /// member never processes two messages of one partition side by side across a rebalance.
+    pub fn after(
+        topic: impl Into<String>,
+        partition: i32,
+        turn: Option<oneshot::Receiver<()>>,
+    ) -> Self {
+        let track = PartitionTrack::new(topic, partition);
+        track.lock().tail = turn;
+        track
+    }
+
+    /// The partition was revoked: nothing more is stored for it. Returns the turn of the
+    /// message after its last one, for [`PartitionTrack::after`] should it come back.
+    pub fn revoke(&self) -> Option<oneshot::Receiver<()>> {
         self.revoked.store(true, Ordering::SeqCst);
+        self.lock().tail.take()
     }
 
     /// Whether [`PartitionTrack::revoke`] was called.
@@ -133,8 +148,25 @@ mod tests {
     fn a_revoked_partition_stores_nothing() {
         let t = PartitionTrack::new("t", 1);
         let _ = t.begin(0);
-        t.revoke();
+        let _ = t.revoke();
         assert_eq!(t.ack(0), None);
+    }
+
+    #[tokio::test]
+    async fn a_partition_assigned_again_waits_for_the_previous_assignment() {
+        let old = PartitionTrack::new("t", 0);
+        let (_, old_done) = old.begin(7);
+        let again = PartitionTrack::after("t", 0, old.revoke());
+        // Delivered again from the last commit while offset 7 of the old assignment still runs.
+        let (turn, _) = again.begin(5);
+        let mut turn = turn.expect("waits for the old assignment");
+        assert!(turn.try_recv().is_err(), "turn given too early");
+        old_done.send(()).unwrap();
+        assert!(turn.await.is_ok());
+        // Nothing was in flight: no wait.
+        let idle = PartitionTrack::new("t", 1);
+        let fresh = PartitionTrack::after("t", 1, idle.revoke());
+        assert!(fresh.begin(0).0.is_none());
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! partition below it was acknowledged ([`super::offsets`]); a nacked record is handed to the
 //! flow again, never skipped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -58,9 +58,12 @@ at shutdown. A record the flow nacks (failed after the flow's retries, with no d
 handed to the flow again after `redelivery_delay`, doubling up to `max_redelivery_delay`, until \
 it is acknowledged; its partition's commits wait for it.
 
-**Rebalance.** Records of revoked partitions that were fetched but not handed out are dropped \
-(their new owner reads them from the last commit); records in flight finish, but their offsets \
-are not stored any more.
+**Rebalance.** Members of one group share the partitions; a member that joins takes some over, \
+one that leaves hands its own to the others. Records of revoked partitions that were fetched but \
+not handed out are dropped (their new owner reads them from the last commit); records in flight \
+finish, but their offsets are not stored any more. A partition assigned back to the same member \
+starts once its earlier records there settled. While `max_in_flight` records are in flight, \
+fetching pauses but the consumer is still polled, so the member keeps serving rebalances.
 
 **Delivery guarantee.** at-least-once: a crash, a shutdown while records are in flight, or a \
 rebalance makes the records after the last commit be delivered again (so up to \
@@ -70,8 +73,7 @@ rebalance makes the records after the last commit be delivered again (so up to \
 **Limits.** Plaintext connections only (no TLS or SASL in this build); compressed topics must use \
 lz4, snappy or none (no gzip or zstd). A partition whose record keeps failing stops advancing \
 its commits (lag grows) until the record succeeds or is dead-lettered: give the flow a \
-`dead_letter`. While `max_in_flight` records are in flight no more are fetched; if that lasts \
-longer than `max.poll.interval.ms` (5 minutes) the member leaves the group and rejoins.";
+`dead_letter`. A rebalance (eager protocol) stops the group's fetching while it lasts.";
 
 /// The `kafka` source's spec.
 pub fn spec() -> ComponentSpec {
@@ -266,29 +268,69 @@ pub fn build(config: &Value, _ctx: &BuildContext<'_>) -> Result<Box<dyn Source>,
     }))
 }
 
+type PartitionKey = (String, i32);
+
 /// The partitions this member owns now, updated by the rebalance callbacks.
 #[derive(Default)]
 struct Assignment {
-    partitions: Mutex<HashMap<(String, i32), Arc<PartitionTrack>>>,
+    inner: Mutex<Owned>,
+}
+
+#[derive(Default)]
+struct Owned {
+    partitions: HashMap<PartitionKey, Arc<PartitionTrack>>,
+    /// Revoked partitions' turns (settled once their last record handed out is): a partition
+    /// assigned back starts after them.
+    retired: HashMap<PartitionKey, oneshot::Receiver<()>>,
 }
 
 impl Assignment {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Arc<PartitionTrack>>> {
-        match self.partitions.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Owned> {
+        match self.inner.lock() {
             Ok(guard) => guard,
-            // Single inserts and removes: a panic cannot leave the map torn.
+            // Single inserts and removes: a panic cannot leave the maps torn.
             Err(poisoned) => poisoned.into_inner(),
         }
     }
 
     fn get(&self, topic: &str, partition: i32) -> Option<Arc<PartitionTrack>> {
-        self.lock().get(&(topic.to_owned(), partition)).cloned()
+        self.lock()
+            .partitions
+            .get(&(topic.to_owned(), partition))
+            .cloned()
+    }
+
+    /// Stops tracking the partitions of `tpl`; their late acknowledgements store nothing.
+    fn revoke(&self, tpl: &TopicPartitionList) {
+        let mut owned = self.lock();
+        for elem in tpl.elements() {
+            let key = (elem.topic().to_owned(), elem.partition());
+            if let Some(track) = owned.partitions.remove(&key)
+                && let Some(turn) = track.revoke()
+            {
+                owned.retired.insert(key, turn);
+            }
+        }
+    }
+
+    /// Tracks the partitions of `tpl`, each after its previous assignment's last record.
+    fn assign(&self, tpl: &TopicPartitionList) {
+        let mut owned = self.lock();
+        for elem in tpl.elements() {
+            let key = (elem.topic().to_owned(), elem.partition());
+            if owned.partitions.contains_key(&key) {
+                continue;
+            }
+            let turn = owned.retired.remove(&key);
+            let track = PartitionTrack::after(elem.topic(), elem.partition(), turn);
+            owned.partitions.insert(key, Arc::new(track));
+        }
     }
 
     /// Offsets to commit at shutdown, per owned partition.
     fn committable(&self) -> TopicPartitionList {
         let mut tpl = TopicPartitionList::new();
-        for track in self.lock().values() {
+        for track in self.lock().partitions.values() {
             if let Some(next) = track.committable() {
                 let _ =
                     tpl.add_partition_offset(&track.topic, track.partition, Offset::Offset(next));
@@ -305,6 +347,8 @@ struct SourceClient {
     trouble: Arc<AtomicBool>,
     brokers: String,
     flow: Arc<str>,
+    /// Set while fetching is paused because `max_in_flight` records are in flight.
+    fetch_paused: Arc<AtomicBool>,
 }
 
 impl ClientContext for SourceClient {
@@ -328,13 +372,7 @@ impl ConsumerContext for SourceClient {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let mut owned = self.assignment.lock();
-                for elem in tpl.elements() {
-                    if let Some(track) = owned.remove(&(elem.topic().to_owned(), elem.partition()))
-                    {
-                        track.revoke();
-                    }
-                }
+                self.assignment.revoke(tpl);
                 tracing::info!(flow = %self.flow, partitions = tpl.count(), "kafka partitions revoked");
             }
             Rebalance::Assign(_) => {}
@@ -344,15 +382,15 @@ impl ConsumerContext for SourceClient {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let mut owned = self.assignment.lock();
-            for elem in tpl.elements() {
-                owned
-                    .entry((elem.topic().to_owned(), elem.partition()))
-                    .or_insert_with(|| {
-                        Arc::new(PartitionTrack::new(elem.topic(), elem.partition()))
-                    });
+            self.assignment.assign(tpl);
+            // Assigned while `max_in_flight` records are in flight: fetch nothing until a slot
+            // frees (the main loop resumes every assigned partition then).
+            if self.fetch_paused.load(Ordering::SeqCst)
+                && let Err(error) = consumer.pause(tpl)
+            {
+                tracing::warn!(flow = %self.flow, %error, "cannot pause newly assigned kafka partitions");
             }
             tracing::info!(flow = %self.flow, partitions = tpl.count(), "kafka partitions assigned");
         }
@@ -367,7 +405,9 @@ impl Source for KafkaSource {
         let health = HealthHandle::for_source(&ctx);
         let assignment = Arc::new(Assignment::default());
         let trouble = Arc::new(AtomicBool::new(false));
+        let fetch_paused = Arc::new(AtomicBool::new(false));
         let client = SourceClient {
+            fetch_paused: Arc::clone(&fetch_paused),
             assignment: Arc::clone(&assignment),
             health: health.clone(),
             trouble: Arc::clone(&trouble),
@@ -410,34 +450,54 @@ impl Source for KafkaSource {
             max: self.redelivery.1,
             shutdown: ctx.shutdown.clone(),
         };
+        // Records received while every slot was taken (fetched before the pause took effect).
+        let mut held: VecDeque<Received> = VecDeque::new();
+        let gate = FetchGate {
+            consumer: Arc::clone(&consumer),
+            paused: fetch_paused,
+            flow: Arc::clone(&ctx.flow),
+        };
         loop {
             while in_flight.try_join_next().is_some() {}
-            let permit = tokio::select! {
-                () = ctx.shutdown.cancelled() => break,
-                permit = Arc::clone(&permits).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-            };
-            let received = tokio::select! {
-                () = ctx.shutdown.cancelled() => break,
-                received = consumer.recv() => received,
-            };
-            let record = match received {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::warn!(flow = %ctx.flow, %error, "kafka consume error");
-                    continue;
+            let permit = match Arc::clone(&permits).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    // Every slot is taken. Fetching pauses, but the consumer is still polled:
+                    // polling serves the group's rebalances (a joining member waits for this
+                    // one to give partitions up) and keeps `max.poll.interval.ms` satisfied.
+                    gate.pause();
+                    tokio::select! {
+                        () = ctx.shutdown.cancelled() => break,
+                        permit = Arc::clone(&permits).acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                        received = consumer.recv() => {
+                            held.extend(accept(received, &assignment, &ctx.flow));
+                            continue;
+                        }
+                    }
                 }
             };
-            // Fetched before a revoke: the partition's new owner reads it from the last commit.
-            let Some(track) = assignment.get(record.topic(), record.partition()) else {
-                tracing::debug!(flow = %ctx.flow, topic = record.topic(), partition = record.partition(), "dropping a record of a partition no longer owned");
-                continue;
+            gate.resume();
+            let next = match held.pop_front() {
+                Some(next) => next,
+                None => {
+                    let received = tokio::select! {
+                        () = ctx.shutdown.cancelled() => break,
+                        received = consumer.recv() => received,
+                    };
+                    match accept(received, &assignment, &ctx.flow) {
+                        Some(next) => next,
+                        None => continue,
+                    }
+                }
             };
-            let offset = record.offset();
-            let msg = to_message(&record, &ctx.flow);
-            drop(record);
+            // Revoked while held: the partition's owner reads it again from the last commit.
+            if next.track.is_revoked() {
+                continue;
+            }
+            let Received { msg, track, offset } = next;
             let (turn, done) = track.begin(offset);
             let work = Work {
                 consumer: Arc::clone(&consumer),
@@ -490,6 +550,75 @@ impl Source for KafkaSource {
         // coordinator.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
         Ok(())
+    }
+}
+
+/// A record taken from the consumer, not yet handed to the flow.
+struct Received {
+    msg: Message,
+    track: Arc<PartitionTrack>,
+    offset: i64,
+}
+
+/// The record of a poll, if it belongs to a partition this member owns.
+fn accept(
+    received: Result<BorrowedMessage<'_>, KafkaError>,
+    assignment: &Assignment,
+    flow: &Arc<str>,
+) -> Option<Received> {
+    let record = match received {
+        Ok(record) => record,
+        Err(error) => {
+            tracing::warn!(%flow, %error, "kafka consume error");
+            return None;
+        }
+    };
+    // Fetched before a revoke: the partition's new owner reads it from the last commit.
+    let Some(track) = assignment.get(record.topic(), record.partition()) else {
+        tracing::debug!(%flow, topic = record.topic(), partition = record.partition(), "dropping a record of a partition no longer owned");
+        return None;
+    };
+    Some(Received {
+        msg: to_message(&record, flow),
+        track,
+        offset: record.offset(),
+    })
+}
+
+/// Pauses fetching of every assigned partition while `max_in_flight` records are in flight,
+/// and resumes it once a slot frees. librdkafka drops what it fetched for a paused partition
+/// and fetches again from the last record handed out, so nothing is skipped.
+struct FetchGate {
+    consumer: Arc<Consumer_>,
+    paused: Arc<AtomicBool>,
+    flow: Arc<str>,
+}
+
+impl FetchGate {
+    fn pause(&self) {
+        if self.paused.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(error) = self
+            .consumer
+            .assignment()
+            .and_then(|tpl| self.consumer.pause(&tpl))
+        {
+            tracing::warn!(flow = %self.flow, %error, "cannot pause kafka fetching");
+        }
+    }
+
+    fn resume(&self) {
+        if !self.paused.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(error) = self
+            .consumer
+            .assignment()
+            .and_then(|tpl| self.consumer.resume(&tpl))
+        {
+            tracing::warn!(flow = %self.flow, %error, "cannot resume kafka fetching");
+        }
     }
 }
 
