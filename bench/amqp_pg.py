@@ -52,7 +52,9 @@ def run_once(contender, count, round_no, workdir):
                 break
             if time.monotonic() - began > TIMEOUT:
                 raise SystemExit(f"{contender}: only {rows} of {count} rows after {TIMEOUT}s")
-            if proc.poll() is not None and rows < count:
+            # The count may have been read just before the contender's last commit: count again
+            # once it has exited before calling the run short.
+            if proc.poll() is not None and int(psql(f"select count(*) from {table}")) < count:
                 raise SystemExit(f"{contender} exited with {proc.returncode} after {rows} rows; "
                                  f"see {workdir}/{contender}-{round_no}.log")
             time.sleep(0.02)
