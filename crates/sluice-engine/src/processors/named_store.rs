@@ -113,6 +113,17 @@ pub(crate) fn runtime_store(backend: Option<&serde_json::Value>) -> Result<bool,
     }
 }
 
+/// The runtime's own store, for a step configured with `backend: {store: {}}`; a store that
+/// cannot be opened is a build error on that field.
+pub(crate) fn open_runtime_store(
+    ctx: &sluice_core::BuildContext<'_>,
+) -> Result<sluice_store::Store, BuildError> {
+    ctx.resources
+        .get_or_default::<crate::durable::DurableStore>()
+        .store()
+        .map_err(|e| BuildError::field(format!("backend.{RUNTIME_STORE}"), e.message))
+}
+
 /// The remote store a step asked for with `backend: {<name>: {...}}`, built by the connector
 /// that registered `<name>`; `None` when the in-memory store is used instead (no `backend`, or a
 /// flow test). `pick` chooses the factory of the store's kind; a backend without one is a build

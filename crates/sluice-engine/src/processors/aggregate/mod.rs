@@ -304,12 +304,7 @@ fn repository(backend: Option<&Value>, ctx: &BuildContext<'_>) -> Result<Repo, B
 `backend: {store: {}}`",
         ));
     }
-    let durable = ctx
-        .resources
-        .get_or_default::<crate::durable::DurableStore>();
-    let store = durable
-        .store()
-        .map_err(|e| BuildError::field("backend.store", e.message))?;
+    let store = super::named_store::open_runtime_store(ctx)?;
     let name = format!("{}/{}", ctx.flow, ctx.id);
     Ok(Repo::Store(StoredGroups::new(
         store.aggregation_groups(&name),

@@ -168,22 +168,31 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
     let config: Config = common::config(config)?;
     let key = ctx.steps.compile_jq("key", &config.key)?;
     let ttl = ttl::checked(config.ttl.0)?;
-    if named_store::runtime_store(config.backend.as_ref())? {
-        let repository = runtime_store_repository(&config, ctx)?;
-        return Ok(Arc::new(IdempotentConsumer {
-            key,
-            repository,
-            ttl,
-            eager: config.eager,
-            on_duplicate: config.on_duplicate,
-            confirming: Arc::default(),
-        }));
-    }
+    let repository = if named_store::runtime_store(config.backend.as_ref())? {
+        runtime_store_repository(&config, ctx)?
+    } else {
+        memory_or_remote_repository(&config, ctx)?
+    };
+    Ok(Arc::new(IdempotentConsumer {
+        key,
+        repository,
+        ttl,
+        eager: config.eager,
+        on_duplicate: config.on_duplicate,
+        confirming: Arc::default(),
+    }))
+}
+
+/// A remote repository when `backend` names one, else one in memory (shared by name).
+fn memory_or_remote_repository(
+    config: &Config,
+    ctx: &BuildContext<'_>,
+) -> Result<Arc<dyn IdempotentRepository>, BuildError> {
     let remote =
         named_store::remote::<dyn IdempotentRepository>(ctx, config.backend.as_ref(), |b| {
             Some(b.repository)
         })?;
-    let repository = match remote {
+    Ok(match remote {
         Some(remote) => remote,
         None => named_store::resolve::<dyn IdempotentRepository>(
             ctx.resources,
@@ -196,15 +205,7 @@ pub fn build(config: &Value, ctx: &BuildContext<'_>) -> Result<Arc<dyn Processor
             },
             |max_keys| Arc::new(MemoryRepository::new(max_keys)),
         )?,
-    };
-    Ok(Arc::new(IdempotentConsumer {
-        key,
-        repository,
-        ttl,
-        eager: config.eager,
-        on_duplicate: config.on_duplicate,
-        confirming: Arc::default(),
-    }))
+    })
 }
 
 /// The repository in the runtime's store: named by `repository`, else private to the step.
@@ -224,12 +225,11 @@ ends: remove `max_keys`, or `backend` to keep keys in memory",
         Some(name) => name.to_owned(),
         None => format!("{}/{}", ctx.flow, ctx.id),
     };
+    let store = named_store::open_runtime_store(ctx)?;
+    // The repository also needs the process's store handle: it starts the purge of expired keys.
     let durable = ctx
         .resources
         .get_or_default::<crate::durable::DurableStore>();
-    let store = durable
-        .store()
-        .map_err(|e| BuildError::field("backend.store", e.message))?;
     Ok(Arc::new(store::StoreRepository::new(
         durable,
         store.idempotent_keys(&name),
