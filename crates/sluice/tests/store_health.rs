@@ -168,20 +168,27 @@ flows:
 #[tokio::test]
 async fn without_a_store_health_and_metrics_say_nothing_about_it() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let yaml = format!(
-        r#"
+    // Port 0: nothing is sent to the flow, and a port picked with `free_port` could be taken
+    // by the other test of this file before the flow binds it (the flow then fails: 503).
+    let yaml = r#"
 flows:
   - name: echo
-    from: {{http: {{listen: "127.0.0.1:{port}", path: /e}}}}
-"#
-    );
-    let flow = write_flow(&dir, "flows.yaml", &yaml);
+    from: {http: {listen: "127.0.0.1:0", path: /e}}
+"#;
+    let flow = write_flow(&dir, "flows.yaml", yaml);
     let data = dir.path().join("data");
-    let runtime = start_with_data(&[flow], Some(port), &data).await;
+    let runtime = start_with_data(&[flow], None, &data).await;
     let admin = serve_admin(&runtime).await;
-    let (status, body) = health(admin).await;
-    assert_eq!(status, 200);
+    // The source reports its state once its task runs; wait for it rather than race it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = health(admin).await;
+        if status == 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status, 200, "{body}");
     assert!(body.get("store").is_none(), "{body}");
     assert_eq!(reserve_gauge(admin).await, None);
     assert!(!data.exists(), "reporting health must not open the store");
