@@ -7,6 +7,12 @@
 //! builtins listed in [`stdlib`] (`env`, `$ENV`, `input`, `inputs`, `halt`, `halt_error`,
 //! `debug`, `stderr`, `localtime`, `strflocaltime`).
 //!
+//! # Evaluation
+//! A program that `native.rs` can compile (paths, construction, arithmetic, comparisons, `if`,
+//! `//`, common builtins) first runs natively on the `serde_json::Value` body; on anything the
+//! native tree does not model exactly it hands the input back and jaq evaluates it, so jaq's
+//! result or error is always the answer.
+//!
 //! # Limits
 //! A program is compiled once. [`classify`] decides statically whether it is *bounded* (no user
 //! definitions, no generating or recursive builtins): bounded programs run inline on the calling
