@@ -8,54 +8,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_store::{Queue, RESERVE_FILE, Store, StoreOptions};
+use sluice_testkit::disk::{SmallDisk, fill_up};
 
 const RESERVE: u64 = 1 << 20;
-
-/// A tmpfs mounted on a fresh directory, unmounted when dropped (also when the test fails).
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-        }
-        Ok(SmallDisk { dir })
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Gives the filesystem more room, as an operator freeing space would.
-    fn grow(&self, size: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(self.dir.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "remount failed");
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
 
 fn options() -> StoreOptions {
     StoreOptions {
@@ -186,18 +146,6 @@ async fn a_full_disk_refuses_appends_lets_consumers_drain_and_recovers_by_itself
     let found: BTreeSet<usize> = drain(&store.queue("orders")).await.into_iter().collect();
     let expected: BTreeSet<usize> = std::iter::once(after).chain(more).collect();
     assert_eq!(found, expected);
-}
-
-/// Fills the filesystem of `path`'s directory with a file until it is full.
-fn fill_up(path: &Path) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let chunk = vec![0x5a; 64 << 10];
-    while file
-        .write_all(&chunk)
-        .and_then(|()| file.sync_all())
-        .is_ok()
-    {}
 }
 
 /// Appends `n` until the store takes it; fails after 20 s.

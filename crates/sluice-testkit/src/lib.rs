@@ -5,9 +5,11 @@
 //!   the test; without it the test is skipped with one line naming the service.
 //! * [`proxy::TcpProxy`]: a loopback TCP proxy a test can take down and bring back, to check that
 //!   connectors reconnect when their service restarts, without restarting the shared service.
+//! * [`disk::SmallDisk`]: a small tmpfs to fill up, for disk-full tests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod disk;
 pub mod proxy;
 
 use std::time::Duration;

@@ -9,49 +9,10 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
+use sluice_testkit::disk::{SmallDisk, fill_up};
 use support::{free_port, request, serve_admin, start_with_data, write_flow};
-
-/// A tmpfs mounted on a fresh directory, unmounted when dropped (also when the test fails).
-struct SmallDisk {
-    dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Result<Self, String> {
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
-        }
-        Ok(SmallDisk { dir })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
-/// Fills the filesystem of `path`'s directory with a file until it is full.
-fn fill_up(path: &Path) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let chunk = vec![0x5a; 64 << 10];
-    while file
-        .write_all(&chunk)
-        .and_then(|()| file.sync_all())
-        .is_ok()
-    {}
-}
 
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -80,7 +41,7 @@ async fn health_and_metrics_show_the_disk_reserve_in_use_until_space_returns() {
             return;
         }
     };
-    let data = disk.dir.path().join("data");
+    let data = disk.path().join("data");
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let yaml = format!(
@@ -105,7 +66,7 @@ flows:
     assert_eq!(reserve_gauge(admin).await, Some(0.0));
 
     // Something else fills the disk; writes that need room fail, the store releases its reserve.
-    let filler = disk.dir.path().join("filler");
+    let filler = disk.path().join("filler");
     fill_up(&filler);
     let big = "x".repeat(256 << 10);
     let mut refused = None;
