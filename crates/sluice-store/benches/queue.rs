@@ -24,8 +24,8 @@ const PRODUCERS: [usize; 3] = [1, 16, 128];
 fn bench_dir() -> PathBuf {
     std::env::var_os("SLUICE_BENCH_DIR")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("target"))
+        // Cargo's scratch directory for benches, under the target directory on a real disk.
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
 }
 
 fn group_commit(c: &mut Criterion) {

@@ -67,8 +67,8 @@ pub fn encode(payload: &[u8]) -> Result<Vec<u8>, PayloadTooLarge> {
     frame.push(VERSION);
     frame.push(0);
     frame.extend_from_slice(&len.to_le_bytes());
-    let crc = crc32c_append(crc32c_append(!0, &frame[..6]), payload);
-    frame.extend_from_slice(&(!crc).to_le_bytes());
+    let crc = frame_crc(&frame[..6], payload);
+    frame.extend_from_slice(&crc.to_le_bytes());
     frame.extend_from_slice(payload);
     Ok(frame)
 }
@@ -103,58 +103,60 @@ pub fn decode(frame: &[u8]) -> Result<&[u8], DecodeError> {
         return Err(DecodeError::TrailingBytes(body.len() - len));
     }
     let stored = u32::from_le_bytes([*c0, *c1, *c2, *c3]);
-    let computed = !crc32c_append(crc32c_append(!0, &header[..6]), body);
+    let computed = frame_crc(&header[..6], body);
     if stored != computed {
         return Err(DecodeError::BadChecksum { stored, computed });
     }
     Ok(body)
 }
 
-/// CRC-32C (Castagnoli), reflected polynomial: detects all burst errors up to 32 bits, and is
-/// the checksum of iSCSI, ext4 and most storage formats.
-const POLY: u32 = 0x82F6_3B78;
-
-const TABLE: [u32; 256] = build_table();
-
-const fn build_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ POLY
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        table[i] = crc;
-        i += 1;
-    }
-    table
+/// The CRC-32C of the header's first six bytes followed by the payload.
+fn frame_crc(header: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(header), payload)
 }
 
-/// Continues a CRC-32C over `bytes` (state not yet inverted: start at `!0`, invert at the end).
-fn crc32c_append(mut crc: u32, bytes: &[u8]) -> u32 {
-    for &byte in bytes {
-        crc = TABLE[((crc ^ u32::from(byte)) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    crc
-}
-
-/// CRC-32C of `bytes`.
+/// CRC-32C (Castagnoli) of `bytes`: detects all burst errors up to 32 bits, and is the checksum
+/// of iSCSI, ext4 and most storage formats. The `crc32c` crate computes it with the CPU's CRC
+/// instruction where there is one (SSE 4.2, ARMv8): a table-driven loop cost a third of the
+/// writer thread's time in the durable channel benchmark.
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    !crc32c_append(!0, bytes)
+    crc32c::crc32c(bytes)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// The CRC-32C bit by bit, as the polynomial defines it (reflected: 0x82F63B78).
+    fn reference_crc32c(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_frame_checksum_is_the_crc32c_of_header_and_payload(
+            header in proptest::collection::vec(proptest::num::u8::ANY, 6),
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..3000),
+        ) {
+            let whole = [header.as_slice(), payload.as_slice()].concat();
+            proptest::prop_assert_eq!(frame_crc(&header, &payload), reference_crc32c(&whole));
+        }
+    }
+
     #[test]
     fn crc32c_matches_the_standard_check_value() {
+        assert_eq!(reference_crc32c(b"123456789"), 0xE306_9283);
         // The check value of CRC-32C for the ASCII digits 1..9 (RFC 3720, appendix B.4).
         assert_eq!(crc32c(b"123456789"), 0xE306_9283);
         assert_eq!(crc32c(b""), 0);

@@ -100,6 +100,7 @@ pub mod codec;
 mod aggregation;
 mod checkpoint;
 mod clock;
+mod combine;
 mod dead_letter;
 mod error;
 mod idempotent;

@@ -7,13 +7,15 @@
 //! again; a lease takes the index's visible entries first (redeliveries), then fresh records. No
 //! operation, and no open, scans the whole queue.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use redb::{ReadableTable, WriteTransaction};
 
 use crate::codec;
+use crate::combine::Combiner;
 use crate::dead_letter::{self, Quarantined};
 use crate::error::StoreError;
 use crate::store::Inner;
@@ -43,6 +45,47 @@ impl Delivery {
 pub struct Queue {
     inner: Arc<Inner>,
     channel: Arc<str>,
+    writes: Arc<ChannelWrites>,
+}
+
+/// The appends and acks of one channel, combined across callers (see `combine.rs`).
+pub(crate) struct ChannelWrites {
+    appends: Combiner<Vec<u8>, u64>,
+    acks: Combiner<u64, bool>,
+}
+
+impl ChannelWrites {
+    fn new(channel: &Arc<str>) -> Self {
+        let appending = Arc::clone(channel);
+        let acking = Arc::clone(channel);
+        Self {
+            appends: Combiner::new(Room::Grows, move |txn, frames: &[Vec<u8>]| {
+                append(txn, &appending, frames)
+            }),
+            acks: Combiner::new(Room::Drains, move |txn, ids: &[u64]| ack(txn, &acking, ids)),
+        }
+    }
+}
+
+/// Every channel's [`ChannelWrites`], created on first use and kept while the store is open
+/// (one small entry per channel name).
+#[derive(Default)]
+pub(crate) struct ChannelRegistry(Mutex<HashMap<Arc<str>, Arc<ChannelWrites>>>);
+
+impl ChannelRegistry {
+    fn get(&self, channel: &str) -> (Arc<str>, Arc<ChannelWrites>) {
+        let mut channels = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((name, writes)) = channels.get_key_value(channel) {
+            return (Arc::clone(name), Arc::clone(writes));
+        }
+        let name: Arc<str> = channel.into();
+        let writes = Arc::new(ChannelWrites::new(&name));
+        channels.insert(Arc::clone(&name), Arc::clone(&writes));
+        (name, writes)
+    }
 }
 
 impl std::fmt::Debug for Queue {
@@ -55,9 +98,11 @@ impl std::fmt::Debug for Queue {
 
 impl Queue {
     pub(crate) fn new(inner: Arc<Inner>, channel: &str) -> Self {
+        let (channel, writes) = inner.channels.get(channel);
         Self {
             inner,
-            channel: channel.into(),
+            channel,
+            writes,
         }
     }
 
@@ -67,20 +112,15 @@ impl Queue {
     }
 
     /// Stores `payloads` and returns their ids, in order, once they are durable. Appends of
-    /// concurrent callers share one commit (see [`GroupCommit`](crate::GroupCommit)).
+    /// concurrent callers share one commit (see [`GroupCommit`](crate::GroupCommit)), and
+    /// those to one channel one write to it.
     pub async fn append(&self, payloads: Vec<Bytes>) -> Result<Vec<u64>, StoreError> {
         // Framing happens on the caller's task, so the writer thread only writes.
         let frames = payloads
             .iter()
             .map(|payload| codec::encode(payload))
             .collect::<Result<Vec<_>, _>>()?;
-        let channel = Arc::clone(&self.channel);
-        self.inner
-            .writer
-            .run(Room::Grows, frames.len().max(1), move |txn| {
-                append(txn, &channel, &frames)
-            })
-            .await
+        self.writes.appends.run(&self.inner.writer, frames).await
     }
 
     /// Hands out up to `max` visible records and hides them for `visibility_timeout`. Records
@@ -104,15 +144,11 @@ impl Queue {
     }
 
     /// Removes acknowledged records; returns how many were stored. Unknown ids are ignored, so
-    /// acking twice is harmless.
+    /// acking twice is harmless. Acks of concurrent callers to one channel are combined like
+    /// appends.
     pub async fn ack(&self, ids: Vec<u64>) -> Result<usize, StoreError> {
-        let channel = Arc::clone(&self.channel);
-        self.inner
-            .writer
-            .run(Room::Drains, ids.len().max(1), move |txn| {
-                ack(txn, &channel, &ids)
-            })
-            .await
+        let removed = self.writes.acks.run(&self.inner.writer, ids).await?;
+        Ok(removed.into_iter().filter(|&removed| removed).count())
     }
 
     /// Gives a leased record back, visible again after `delay` (also across a restart). Returns
@@ -244,20 +280,20 @@ fn lease(
     Ok(out)
 }
 
-fn ack(txn: &WriteTransaction, channel: &str, ids: &[u64]) -> Result<usize, StoreError> {
+/// Deletes each record and its lease; says for each id whether a record was stored under it
+/// (false for an id acked twice in one call).
+fn ack(txn: &WriteTransaction, channel: &str, ids: &[u64]) -> Result<Vec<bool>, StoreError> {
     let mut records = txn.open_table(RECORDS)?;
     let mut in_flight = txn.open_table(IN_FLIGHT)?;
     let mut visible_at = txn.open_table(VISIBLE_AT)?;
-    let mut acked = 0;
+    let mut removed = Vec::with_capacity(ids.len());
     for &seq in ids {
-        if records.remove((channel, seq))?.is_some() {
-            acked += 1;
-        }
+        removed.push(records.remove((channel, seq))?.is_some());
         if let Some(state) = in_flight.remove((channel, seq))? {
             visible_at.remove((channel, state.value().0, seq))?;
         }
     }
-    Ok(acked)
+    Ok(removed)
 }
 
 fn nack(txn: &WriteTransaction, channel: &str, seq: u64, until: u64) -> Result<bool, StoreError> {
@@ -314,6 +350,18 @@ pub(crate) async fn corrupt(queue: &Queue, seq: u64, bytes: Vec<u8>) -> Result<b
             Ok(found)
         })
         .await
+}
+
+/// Test hook: callers waiting for their appends to be taken by a request.
+#[cfg(test)]
+pub(crate) fn appends_waiting(queue: &Queue) -> usize {
+    queue.writes.appends.waiting()
+}
+
+/// Test hook: callers waiting for their acks to be taken by a request.
+#[cfg(test)]
+pub(crate) fn acks_waiting(queue: &Queue) -> usize {
+    queue.writes.acks.waiting()
 }
 
 /// Test hook: the ids stored for the queue's channel, read directly.

@@ -67,6 +67,8 @@ pub(crate) struct Inner {
     /// The database for reads; the writer replaces it when it reopens the database.
     pub(crate) db: Arc<DbSlot>,
     pub(crate) clock: Arc<dyn Clock>,
+    /// Each channel's combined writes, shared by every handle on the channel.
+    pub(crate) channels: queue::ChannelRegistry,
     lock: Option<DirLock>,
 }
 
@@ -167,6 +169,7 @@ impl Store {
                 writer,
                 db: slot,
                 clock: options.clock,
+                channels: queue::ChannelRegistry::default(),
                 lock,
             }),
             report,
@@ -176,6 +179,39 @@ impl Store {
     /// Durable commits made by the writer since open (each may hold many requests).
     pub fn commits(&self) -> u64 {
         self.inner.writer.commits()
+    }
+
+    /// Test hook: requests submitted to the writer since open.
+    #[cfg(test)]
+    pub(crate) fn requests(&self) -> u64 {
+        self.inner.writer.requests()
+    }
+
+    /// Test hook: keeps the writer busy (inside a request) until the guard is dropped.
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> impl Drop {
+        struct Hold(
+            #[allow(dead_code, reason = "dropping it releases the writer")]
+            std::sync::mpsc::Sender<()>,
+        );
+        impl Drop for Hold {
+            fn drop(&mut self) {}
+        }
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        self.inner.writer.submit(
+            crate::writer::Room::Drains,
+            crate::writer::Load::Fixed {
+                callers: 1,
+                records: 1,
+            },
+            move |_| {
+                // Returns once the guard (the sender) is dropped.
+                let _ = held.recv();
+                Ok(())
+            },
+            |_: Result<(), StoreError>| {},
+        );
+        Hold(release)
     }
 
     /// Whether the disk reserve is in use: the disk filled up, so requests that store new

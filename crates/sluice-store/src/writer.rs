@@ -14,7 +14,7 @@
 //! database is closed fail at once with the reason; nothing is queued behind a broken disk.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -66,6 +66,8 @@ pub(crate) struct CommitFailure {
     disk_full: bool,
     /// An I/O error: redb refuses every later operation until the database is reopened.
     io: bool,
+    /// The writer is gone: the store was dropped or its thread stopped.
+    closed: bool,
 }
 
 impl CommitFailure {
@@ -74,6 +76,7 @@ impl CommitFailure {
             reason: error.to_string(),
             disk_full: error.is_disk_full(),
             io: error.is_io(),
+            closed: matches!(error, StoreError::Closed),
         }
     }
 
@@ -86,6 +89,17 @@ impl CommitFailure {
             ),
             disk_full: self.disk_full,
             io: false,
+            closed: false,
+        }
+    }
+
+    /// What a request hears when the writer is gone.
+    fn closed() -> Self {
+        Self {
+            reason: StoreError::Closed.to_string(),
+            disk_full: false,
+            io: false,
+            closed: true,
         }
     }
 
@@ -97,13 +111,22 @@ impl CommitFailure {
                 .into(),
             disk_full: true,
             io: false,
+            closed: false,
         }
     }
 }
 
+/// The same failure as `error`, for another request of the batch it sank (a disk-full error
+/// stays one, so each caller can answer with backpressure).
+pub(crate) fn retell(error: &StoreError) -> StoreError {
+    CommitFailure::new(error).into()
+}
+
 impl From<CommitFailure> for StoreError {
     fn from(failure: CommitFailure) -> Self {
-        if failure.disk_full {
+        if failure.closed {
+            StoreError::Closed
+        } else if failure.disk_full {
             StoreError::DiskFull(failure.reason)
         } else {
             StoreError::Abandoned(failure.reason)
@@ -125,8 +148,43 @@ struct Ran {
 
 struct Job {
     room: Room,
-    weight: usize,
+    load: Load,
     work: Work,
+}
+
+/// What the writer receives: a request, or word that a combined request it holds has grown.
+enum Message {
+    Job(Job),
+    Grown,
+}
+
+/// How much a request carries: callers waiting on it and records it writes. A combined request
+/// (see `combine.rs`) grows while it waits, so the writer reads its load again when told.
+#[derive(Debug, Clone)]
+pub(crate) enum Load {
+    Fixed { callers: usize, records: usize },
+    Growing(Arc<GrowingLoad>),
+}
+
+/// The load of a combined request, grown by the callers that join it.
+#[derive(Debug, Default)]
+pub(crate) struct GrowingLoad {
+    callers: AtomicUsize,
+    records: AtomicUsize,
+}
+
+impl GrowingLoad {
+    pub(crate) fn add(&self, records: usize) {
+        self.callers.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(records, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> (usize, usize) {
+        (
+            self.callers.load(Ordering::Relaxed),
+            self.records.load(Ordering::Relaxed),
+        )
+    }
 }
 
 impl Job {
@@ -149,9 +207,12 @@ pub(crate) struct Storage {
 /// The handle to the writer thread. Dropping it lets the thread finish the queued requests and
 /// waits for it, so the database file is closed when the store is gone.
 pub(crate) struct Writer {
-    sender: Option<Sender<Job>>,
+    sender: Option<Sender<Message>>,
     thread: Option<JoinHandle<()>>,
     commits: Arc<AtomicU64>,
+    /// Requests submitted, for tests.
+    #[cfg(test)]
+    requests: AtomicU64,
     /// Whether the disk reserve is released (mirrors the writer thread's state, for health).
     reserve_released: Arc<AtomicBool>,
 }
@@ -171,6 +232,8 @@ impl Writer {
             sender: Some(sender),
             thread: Some(thread),
             commits,
+            #[cfg(test)]
+            requests: AtomicU64::new(0),
             reserve_released,
         })
     }
@@ -179,6 +242,12 @@ impl Writer {
     /// payloads are refused, and draining runs on the reserve's room.
     pub(crate) fn reserve_released(&self) -> bool {
         self.reserve_released.load(Ordering::SeqCst)
+    }
+
+    /// Requests submitted so far.
+    #[cfg(test)]
+    pub(crate) fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
     }
 
     /// Commits made so far (batches, not requests).
@@ -198,6 +267,26 @@ impl Writer {
         F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
     {
         let (reply, result) = oneshot::channel::<Result<R, StoreError>>();
+        let load = Load::Fixed {
+            callers: 1,
+            records: weight,
+        };
+        self.submit(room, load, work, move |outcome| {
+            let _ = reply.send(outcome);
+        });
+        result.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `work` in the next commit and hands its result to `done` once that commit is
+    /// durable, on the writer thread (so `done` must be quick). `done` is called exactly once:
+    /// with the error instead when `work` fails, the commit fails, the request is refused
+    /// without running `work`, or the writer is gone (then at once, on the caller's thread).
+    pub(crate) fn submit<R, F, D>(&self, room: Room, load: Load, work: F, done: D)
+    where
+        R: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        D: FnOnce(Result<R, StoreError>) + Send + 'static,
+    {
         let work: Work = Box::new(move |txn| match txn.map(work) {
             None => Ran {
                 failure: None,
@@ -206,27 +295,39 @@ impl Writer {
                         Err(failure) => failure.into(),
                         Ok(()) => StoreError::Abandoned("the transaction did not start".into()),
                     };
-                    let _ = reply.send(Err(error));
+                    done(Err(error));
                 }),
             },
             Some(Ok(value)) => Ran {
                 failure: None,
                 completion: Box::new(move |commit| {
-                    let _ = reply.send(commit.map(|()| value).map_err(StoreError::from));
+                    done(commit.map(|()| value).map_err(StoreError::from));
                 }),
             },
             Some(Err(error)) => Ran {
                 failure: Some(CommitFailure::new(&error)),
-                completion: Box::new(move |_| {
-                    let _ = reply.send(Err(error));
-                }),
+                completion: Box::new(move |_| done(Err(error))),
             },
         });
-        let sender = self.sender.as_ref().ok_or(StoreError::Closed)?;
-        sender
-            .send(Job { room, weight, work })
-            .map_err(|_| StoreError::Closed)?;
-        result.await.map_err(|_| StoreError::Closed)?
+        #[cfg(test)]
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        let Some(sender) = self.sender.as_ref() else {
+            ((work)(None).completion)(Err(CommitFailure::closed()));
+            return;
+        };
+        if let Err(mpsc::SendError(Message::Job(job))) =
+            sender.send(Message::Job(Job { room, load, work }))
+        {
+            job.refuse(&CommitFailure::closed());
+        }
+    }
+
+    /// Tells the writer that a combined request it may be holding grew, so a batch waiting for
+    /// more callers can close as soon as they are in.
+    pub(crate) fn grown(&self) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(Message::Grown);
+        }
     }
 }
 
@@ -387,71 +488,115 @@ impl Health {
 
 fn writer_loop(
     mut health: Health,
-    receiver: &Receiver<Job>,
+    receiver: &Receiver<Message>,
     config: GroupCommit,
     commits: &AtomicU64,
 ) {
     // Waiting pays only while more requests can still come. Producers blocked on the previous
-    // commit come back together, so once the batch is as large as the previous one, waiting
-    // longer mostly delays everyone (PostgreSQL's `commit_siblings` idea, adapted): a lone
-    // producer never waits, N steady producers commit as soon as all N are in, and a growing
-    // load still grows the batch through what is already queued.
+    // commit come back together, so once the batch has as many callers as the previous one,
+    // waiting longer mostly delays everyone (PostgreSQL's `commit_siblings` idea, adapted): a
+    // lone producer never waits, N steady producers commit as soon as all N are in, and a
+    // growing load still grows the batch through what is already queued.
     let mut expected = usize::MAX;
     loop {
         let first = match health.wake_at() {
             None => match receiver.recv() {
-                Ok(job) => Some(job),
+                Ok(message) => Some(message),
                 Err(_) => return,
             },
             Some(at) => match receiver.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(job) => Some(job),
+                Ok(message) => Some(message),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
             },
         };
         health.heal();
-        let Some(first) = first else { continue };
-        let batch = collect_batch(first, receiver, config, expected);
-        expected = batch.len();
+        let Some(Message::Job(first)) = first else {
+            continue;
+        };
+        let (batch, callers) = collect_batch(first, receiver, config, expected);
+        expected = callers;
         health.commit(batch, commits);
     }
 }
 
-/// Takes what is queued, then, while the batch holds fewer than `expected` requests, waits up to
-/// `max_wait` from the first request for more.
+/// The load of a batch being collected: fixed loads summed as they come, growing ones read
+/// again on each look.
+#[derive(Default)]
+struct BatchLoad {
+    callers: usize,
+    records: usize,
+    growing: Vec<Arc<GrowingLoad>>,
+}
+
+impl BatchLoad {
+    fn add(&mut self, load: &Load) {
+        match load {
+            Load::Fixed { callers, records } => {
+                self.callers = self.callers.saturating_add(*callers);
+                self.records = self.records.saturating_add(*records);
+            }
+            Load::Growing(load) => self.growing.push(Arc::clone(load)),
+        }
+    }
+
+    /// Callers and records now.
+    fn read(&self) -> (usize, usize) {
+        self.growing
+            .iter()
+            .fold((self.callers, self.records), |(callers, records), load| {
+                let (more_callers, more_records) = load.read();
+                (
+                    callers.saturating_add(more_callers),
+                    records.saturating_add(more_records),
+                )
+            })
+    }
+}
+
+/// Takes what is queued, then, while the batch holds fewer than `expected` callers, waits up to
+/// `max_wait` from the first request for more. Returns the batch and how many callers it held.
 fn collect_batch(
     first: Job,
-    receiver: &Receiver<Job>,
+    receiver: &Receiver<Message>,
     config: GroupCommit,
     expected: usize,
-) -> Vec<Job> {
+) -> (Vec<Job>, usize) {
     let deadline = Instant::now() + config.max_wait;
-    let mut weight = first.weight;
+    let mut load = BatchLoad::default();
+    load.add(&first.load);
     let mut batch = vec![first];
-    while weight < config.max_batch {
-        let next = match receiver.try_recv() {
-            Ok(job) => job,
-            Err(TryRecvError::Disconnected) => break,
+    loop {
+        let (callers, records) = load.read();
+        if records >= config.max_batch {
+            return (batch, callers);
+        }
+        let message = match receiver.try_recv() {
+            Ok(message) => message,
+            Err(TryRecvError::Disconnected) => return (batch, callers),
             Err(TryRecvError::Empty) => {
-                if batch.len() >= expected {
-                    break;
+                if callers >= expected {
+                    return (batch, callers);
                 }
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                    break;
+                    return (batch, callers);
                 };
                 if left.is_zero() {
-                    break;
+                    return (batch, callers);
                 }
                 match receiver.recv_timeout(left) {
-                    Ok(job) => job,
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    Ok(message) => message,
+                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                        return (batch, load.read().0);
+                    }
                 }
             }
         };
-        weight = weight.saturating_add(next.weight);
-        batch.push(next);
+        if let Message::Job(job) = message {
+            load.add(&job.load);
+            batch.push(job);
+        }
     }
-    batch
 }
 
 /// Runs and commits one batch, counting the commit; returns the verdict and the completions to

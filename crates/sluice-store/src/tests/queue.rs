@@ -238,9 +238,10 @@ async fn a_second_open_of_the_directory_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_appends_share_one_commit_and_get_distinct_ids() {
+async fn concurrent_appends_share_one_commit() {
     let tmp = tempfile::tempdir().unwrap();
-    // The batch closes only when all 20 requests are in: one commit, whatever the timing.
+    // The batch closes only when all 20 requests are in: one commit, whatever the timing. One
+    // channel each, so the writer sees 20 requests (appends to one channel are combined).
     let options = crate::StoreOptions {
         group_commit: GroupCommit {
             max_wait: Duration::from_secs(3600),
@@ -252,17 +253,104 @@ async fn concurrent_appends_share_one_commit_and_get_distinct_ids() {
     let commits_before = store.commits();
     let tasks: Vec<_> = (0..20)
         .map(|i| {
-            let queue = store.queue("q");
+            let queue = store.queue(&format!("q{i}"));
             tokio::spawn(async move { queue.append(vec![Bytes::from(vec![i; 8])]).await })
         })
         .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), vec![1]);
+    }
+    assert_eq!(store.commits() - commits_before, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_to_one_channel_made_while_the_writer_is_busy_are_one_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), &clock());
+    let writer_busy = store.hold_writer();
+    let requests_before = store.requests();
+    let tasks: Vec<_> = (0..20u8)
+        .map(|i| {
+            let queue = store.queue("q");
+            tokio::spawn(async move {
+                let payloads = vec![Bytes::from(vec![i; 4]), Bytes::from(vec![i; 5])];
+                (i, queue.append(payloads).await)
+            })
+        })
+        .collect();
+    let queue = store.queue("q");
+    while queue::appends_waiting(&queue) < 20 {
+        tokio::task::yield_now().await;
+    }
+    drop(writer_busy);
     let mut all = Vec::new();
     for task in tasks {
-        all.extend(task.await.unwrap().unwrap());
+        let (i, ids) = task.await.unwrap();
+        let ids = ids.unwrap();
+        // Each caller gets its own records' ids, consecutive and in its order.
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[1], ids[0] + 1);
+        all.push((i, ids));
     }
-    all.sort_unstable();
-    assert_eq!(all, (1..=20).collect::<Vec<_>>());
-    assert_eq!(store.commits() - commits_before, 1);
+    // One request for all 20 appends.
+    assert_eq!(store.requests() - requests_before, 1);
+    let mut ids: Vec<u64> = all.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=40).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_acks_tell_each_caller_what_it_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open(tmp.path(), &clock());
+    let queue = store.queue("q");
+    queue.append(payloads(&["a", "b", "c"])).await.unwrap();
+    let writer_busy = store.hold_writer();
+    let first = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.ack(vec![1, 2]).await }
+    });
+    let second = tokio::spawn({
+        let queue = queue.clone();
+        async move { queue.ack(vec![2, 3, 9]).await }
+    });
+    while queue::acks_waiting(&queue) < 2 {
+        tokio::task::yield_now().await;
+    }
+    drop(writer_busy);
+    let (first, second) = (
+        first.await.unwrap().unwrap(),
+        second.await.unwrap().unwrap(),
+    );
+    // Record 2 is removed once, by whichever ack came first; 9 never existed.
+    assert_eq!(first + second, 3);
+    assert!(queue::stored_ids(&queue).unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_appends_refused_for_a_full_disk_all_hear_it() {
+    let disk = super::sim_disk::SimDisk::default();
+    let store = Store::open_with_backend(disk.clone(), options(&clock())).unwrap();
+    let writer_busy = store.hold_writer();
+    let tasks: Vec<_> = (0..5)
+        .map(|_| {
+            let queue = store.queue("q");
+            tokio::spawn(async move { queue.append(payloads(&["x"])).await })
+        })
+        .collect();
+    let queue = store.queue("q");
+    while queue::appends_waiting(&queue) < 5 {
+        tokio::task::yield_now().await;
+    }
+    disk.fill_up();
+    drop(writer_busy);
+    for task in tasks {
+        let err = task.await.unwrap().unwrap_err();
+        assert!(err.is_disk_full(), "{err}");
+    }
+    disk.free_space();
+    // Once the store has reopened, a new append gets the first id: the refused ones stored nothing.
+    assert_eq!(append_until_stored(&queue, "after").await, vec![1]);
 }
 
 #[tokio::test]
@@ -334,10 +422,11 @@ async fn the_commit_wait_ends_once_the_batch_is_as_large_as_the_previous_one() {
         ..options(&clock())
     };
     let store = Store::open(tmp.path(), options).unwrap();
-    let queue = store.queue("q");
+    // Two channels: appends to one channel would be combined into one request.
+    let (queue, other) = (store.queue("q"), store.queue("other"));
     let fifty = || (0..50).map(|i| Bytes::from(vec![i; 4])).collect::<Vec<_>>();
     // Two appends of 50 records fill the first batch (max_batch): one commit of 2 requests.
-    let (a, b) = tokio::join!(queue.append(fifty()), queue.append(fifty()));
+    let (a, b) = tokio::join!(queue.append(fifty()), other.append(fifty()));
     assert_eq!(a.unwrap().len() + b.unwrap().len(), 100);
     assert_eq!(store.commits(), 1);
     // Two single-record appends: far from max_batch, but as many requests as the previous
@@ -346,7 +435,7 @@ async fn the_commit_wait_ends_once_the_batch_is_as_large_as_the_previous_one() {
     let both = async {
         tokio::join!(
             queue.append(payloads(&["x"])),
-            queue.append(payloads(&["y"]))
+            other.append(payloads(&["y"]))
         )
     };
     let (x, y) = tokio::time::timeout(Duration::from_secs(120), both)
