@@ -19,7 +19,7 @@ use crate::combine::Combiner;
 use crate::dead_letter::{self, Quarantined};
 use crate::error::StoreError;
 use crate::store::Inner;
-use crate::tables::{CHANNELS, DELAYED, IN_FLIGHT, LEASED, RECORDS, VISIBLE_AT};
+use crate::tables::{CHANNELS, DELAYED, IN_FLIGHT, LEASE_RANGES, LEASED, RECORDS, VISIBLE_AT};
 use crate::writer::Room;
 
 /// A record handed to a consumer.
@@ -198,19 +198,43 @@ fn lease(
     let mut records = txn.open_table(RECORDS)?;
     let mut in_flight = txn.open_table(IN_FLIGHT)?;
     let mut visible_at = txn.open_table(VISIBLE_AT)?;
+    let mut ranges = txn.open_table(LEASE_RANGES)?;
     let mut quarantined = Vec::new();
 
-    // Redeliveries: in-flight records visible again.
-    let due: Vec<(u64, u64)> = visible_at
+    // Redeliveries: records visible again, from in-flight entries and from lease ranges, in the
+    // order they became visible (then id), at most `max` of them.
+    let tracked: Vec<(u64, u64)> = visible_at
         .range((channel, 0, 0)..=(channel, now, u64::MAX))?
         .take(max)
         .map(|entry| entry.map(|(key, _)| (key.value().1, key.value().2)))
         .collect::<Result<_, _>>()?;
-    for (at, seq) in due {
-        visible_at.remove((channel, at, seq))?;
-        let deliveries = in_flight
-            .remove((channel, seq))?
-            .map_or(0, |state| state.value().1);
+    let ranged = due_in_ranges(&records, &in_flight, &mut ranges, channel, now, max)?;
+    let mut due: Vec<(u64, u64, Option<u64>)> = tracked
+        .into_iter()
+        .map(|(at, seq)| (at, seq, None))
+        .chain(ranged)
+        .collect();
+    due.sort_unstable();
+    due.truncate(max);
+    // What each range gave: its key and the last record taken from it.
+    let mut taken_from: Vec<((u64, u64), u64)> = Vec::new();
+    for (at, seq, range) in due {
+        let deliveries = match range {
+            // Delivered once, with the range's lease.
+            Some(first) => {
+                match taken_from.iter_mut().find(|(key, _)| *key == (at, first)) {
+                    Some((_, last)) => *last = (*last).max(seq),
+                    None => taken_from.push(((at, first), seq)),
+                }
+                1
+            }
+            None => {
+                visible_at.remove((channel, at, seq))?;
+                in_flight
+                    .remove((channel, seq))?
+                    .map_or(0, |state| state.value().1)
+            }
+        };
         let Some(frame) = records
             .get((channel, seq))?
             .map(|frame| frame.value().to_vec())
@@ -236,14 +260,24 @@ fn lease(
             }
         }
     }
+    // A range keeps the records after the last one taken (there may be none).
+    for ((at, first), last) in taken_from {
+        let end = ranges.remove((channel, at, first))?.map(|end| end.value());
+        if let Some(end) = end
+            && last + 1 < end
+        {
+            ranges.insert((channel, at, last + 1), end)?;
+        }
+    }
 
-    // Fresh records, from the cursor on.
+    // Fresh records, from the cursor on: one lease range for all of them.
     let mut channels = txn.open_table(CHANNELS)?;
     let Some((next, mut cursor)) = channels.get(channel)?.map(|state| state.value()) else {
-        drop((records, in_flight, visible_at, channels));
+        drop((records, in_flight, visible_at, ranges, channels));
         dead_letter::quarantine_all(txn, quarantined)?;
         return Ok(out);
     };
+    let first_fresh = cursor;
     while out.len() < max && cursor < next {
         let wanted = max - out.len();
         let fresh: Vec<(u64, Vec<u8>)> = records
@@ -258,15 +292,11 @@ fn lease(
         cursor = last + 1;
         for (seq, frame) in fresh {
             match codec::decode(&frame) {
-                Ok(payload) => {
-                    in_flight.insert((channel, seq), (until, 1, LEASED))?;
-                    visible_at.insert((channel, until, seq), ())?;
-                    out.push(Delivery {
-                        id: seq,
-                        payload: Bytes::copy_from_slice(payload),
-                        deliveries: 1,
-                    });
-                }
+                Ok(payload) => out.push(Delivery {
+                    id: seq,
+                    payload: Bytes::copy_from_slice(payload),
+                    deliveries: 1,
+                }),
                 Err(error) => {
                     records.remove((channel, seq))?;
                     quarantined.push(Quarantined::new(channel, seq, frame, &error, 0, now));
@@ -274,10 +304,54 @@ fn lease(
             }
         }
     }
+    if cursor > first_fresh {
+        ranges.insert((channel, until, first_fresh), cursor)?;
+    }
     channels.insert(channel, (next, cursor))?;
-    drop((records, in_flight, visible_at, channels));
+    drop((records, in_flight, visible_at, ranges, channels));
     dead_letter::quarantine_all(txn, quarantined)?;
     Ok(out)
+}
+
+/// The records of lease ranges visible again by `now` that have no in-flight entry of their
+/// own, as `(visible_at, seq, Some(range's first seq))`, at most `max`. A due range with no such
+/// record left (all acked or tracked alone) is deleted on the way.
+fn due_in_ranges(
+    records: &redb::Table<(&str, u64), &[u8]>,
+    in_flight: &redb::Table<(&str, u64), (u64, u32, u8)>,
+    ranges: &mut redb::Table<(&str, u64, u64), u64>,
+    channel: &str,
+    now: u64,
+    max: usize,
+) -> Result<Vec<(u64, u64, Option<u64>)>, StoreError> {
+    let mut found = Vec::new();
+    let mut empty = Vec::new();
+    for entry in ranges.range((channel, 0, 0)..=(channel, now, u64::MAX))? {
+        if found.len() >= max {
+            break;
+        }
+        let (key, end) = entry?;
+        let (_, at, first) = key.value();
+        let before = found.len();
+        let mut complete = true;
+        for record in records.range((channel, first)..(channel, end.value()))? {
+            let seq = record?.0.value().1;
+            if in_flight.get((channel, seq))?.is_none() {
+                if found.len() >= max {
+                    complete = false;
+                    break;
+                }
+                found.push((at, seq, Some(first)));
+            }
+        }
+        if complete && found.len() == before {
+            empty.push((at, first));
+        }
+    }
+    for (at, first) in empty {
+        ranges.remove((channel, at, first))?;
+    }
+    Ok(found)
 }
 
 /// Deletes each record and its lease; says for each id whether a record was stored under it
@@ -299,14 +373,28 @@ fn ack(txn: &WriteTransaction, channel: &str, ids: &[u64]) -> Result<Vec<bool>, 
 fn nack(txn: &WriteTransaction, channel: &str, seq: u64, until: u64) -> Result<bool, StoreError> {
     let mut in_flight = txn.open_table(IN_FLIGHT)?;
     let mut visible_at = txn.open_table(VISIBLE_AT)?;
-    let Some((at, deliveries, _)) = in_flight.get((channel, seq))?.map(|state| state.value())
-    else {
-        return Ok(false);
+    let deliveries = match in_flight.get((channel, seq))?.map(|state| state.value()) {
+        Some((at, deliveries, _)) => {
+            visible_at.remove((channel, at, seq))?;
+            deliveries
+        }
+        // Stored and before the cursor: leased once, in a lease range, which skips it from now
+        // on because of the entry made here.
+        None if leased_once(txn, channel, seq)? => 1,
+        None => return Ok(false),
     };
-    visible_at.remove((channel, at, seq))?;
     in_flight.insert((channel, seq), (until, deliveries, DELAYED))?;
     visible_at.insert((channel, until, seq), ())?;
     Ok(true)
+}
+
+/// Whether record `seq` is stored and was leased (it lies before the fresh cursor).
+fn leased_once(txn: &WriteTransaction, channel: &str, seq: u64) -> Result<bool, StoreError> {
+    let cursor = txn
+        .open_table(CHANNELS)?
+        .get(channel)?
+        .map_or(1, |state| state.value().1);
+    Ok(seq < cursor && txn.open_table(RECORDS)?.get((channel, seq))?.is_some())
 }
 
 /// Makes every lease of every channel visible at once: run at open, because the consumers that
@@ -330,6 +418,20 @@ pub(crate) fn release_leases(txn: &WriteTransaction) -> Result<usize, StoreError
         // Visible since the epoch: first in line, in id order.
         in_flight.insert((channel.as_str(), seq), (0, deliveries, DELAYED))?;
         visible_at.insert((channel.as_str(), 0, seq), ())?;
+    }
+    let mut ranges = txn.open_table(LEASE_RANGES)?;
+    let mut leased_ranges = Vec::new();
+    for entry in ranges.iter()? {
+        let (key, end) = entry?;
+        read += 1;
+        let (channel, at, first) = key.value();
+        if at > 0 {
+            leased_ranges.push((channel.to_owned(), at, first, end.value()));
+        }
+    }
+    for (channel, at, first, end) in leased_ranges {
+        ranges.remove((channel.as_str(), at, first))?;
+        ranges.insert((channel.as_str(), 0, first), end)?;
     }
     Ok(read)
 }

@@ -287,6 +287,7 @@ fn create_tables(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(tables::CHANNELS)?;
     txn.open_table(tables::IN_FLIGHT)?;
     txn.open_table(tables::VISIBLE_AT)?;
+    txn.open_table(tables::LEASE_RANGES)?;
     txn.open_table(tables::DEAD_LETTERS)?;
     txn.open_table(tables::REPLAYS)?;
     txn.open_table(tables::COUNTERS)?;

@@ -10,7 +10,8 @@ pub(crate) const RECORDS: TableDefinition<(&str, u64), &[u8]> =
     TableDefinition::new("queue_records");
 
 /// `channel -> (next_seq, fresh_cursor)`. Records at or after `fresh_cursor` were never leased;
-/// records before it that are still stored have an [`IN_FLIGHT`] entry.
+/// records before it that are still stored have an [`IN_FLIGHT`] entry or lie in a
+/// [`LEASE_RANGES`] entry (leased once, never since).
 pub(crate) const CHANNELS: TableDefinition<&str, (u64, u64)> =
     TableDefinition::new("queue_channels");
 
@@ -23,6 +24,13 @@ pub(crate) const IN_FLIGHT: TableDefinition<(&str, u64), (u64, u32, u8)> =
 /// visible again, so a lease finds expired ones without scanning.
 pub(crate) const VISIBLE_AT: TableDefinition<(&str, u64, u64), ()> =
     TableDefinition::new("queue_visible_at");
+
+/// `(channel, visible_at_ms, first_seq) -> end_seq`: the records of one lease of fresh records,
+/// `first_seq..end_seq`, delivered once and hidden until `visible_at_ms`. One entry per lease
+/// instead of one per record: an ack then only deletes the record. A record of the range that
+/// has an [`IN_FLIGHT`] entry (nacked, or delivered again) follows that entry instead.
+pub(crate) const LEASE_RANGES: TableDefinition<(&str, u64, u64), u64> =
+    TableDefinition::new("queue_lease_ranges");
 
 /// In-flight state: held by a consumer until its visibility timeout.
 pub(crate) const LEASED: u8 = 0;

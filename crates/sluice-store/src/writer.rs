@@ -628,7 +628,11 @@ fn commit_batch(
     }
     let verdict = match failure {
         Some(reason) => {
-            let _ = txn.abort();
+            // Dropped, not `abort()`ed: after an I/O error inside the transaction (a full disk
+            // met by an insert) redb marks the database for recovery, and an explicit abort then
+            // trips an assertion that kills the writer thread, while the drop skips the rollback
+            // (the reopen that follows recovers the file).
+            drop(txn);
             Err(reason)
         }
         None => {
