@@ -34,10 +34,9 @@ const PRODUCERS: [usize; 2] = [64, 256];
 const PER_PRODUCER: usize = 16;
 
 fn bench_dir() -> PathBuf {
+    // By default Cargo's scratch directory for benches, under the target directory on a real disk.
     std::env::var_os("SLUICE_BENCH_DIR")
-        .map(PathBuf::from)
-        // Cargo's scratch directory for benches, under the target directory on a real disk.
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
+        .map_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")), PathBuf::from)
 }
 
 /// The reading flow: acks every message and counts it.

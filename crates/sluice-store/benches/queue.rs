@@ -22,10 +22,9 @@ const APPENDS_PER_PRODUCER: usize = 32;
 const PRODUCERS: [usize; 3] = [1, 16, 128];
 
 fn bench_dir() -> PathBuf {
+    // By default Cargo's scratch directory for benches, under the target directory on a real disk.
     std::env::var_os("SLUICE_BENCH_DIR")
-        .map(PathBuf::from)
-        // Cargo's scratch directory for benches, under the target directory on a real disk.
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")))
+        .map_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")), PathBuf::from)
 }
 
 fn group_commit(c: &mut Criterion) {

@@ -31,10 +31,12 @@ pub(crate) struct Combiner<T, R> {
 
 type Reply<R> = oneshot::Sender<Result<Vec<R>, StoreError>>;
 
+/// Each waiting caller: how many of the items are its (they are contiguous), and its reply.
+type Waiters<R> = Vec<(usize, Reply<R>)>;
+
 struct Pending<T, R> {
     items: Vec<T>,
-    /// Each waiting caller: how many of `items` are its (they are contiguous), and its reply.
-    waiters: Vec<(usize, Reply<R>)>,
+    waiters: Waiters<R>,
     /// The load of the request that will take `items` (`None`: no request submitted).
     submitted: Option<Arc<GrowingLoad>>,
 }
@@ -50,7 +52,7 @@ impl<T, R> Default for Pending<T, R> {
 }
 
 impl<T, R> Pending<T, R> {
-    fn take(&mut self) -> (Vec<T>, Vec<(usize, Reply<R>)>) {
+    fn take(&mut self) -> (Vec<T>, Waiters<R>) {
         self.submitted = None;
         (
             std::mem::take(&mut self.items),
@@ -118,7 +120,7 @@ impl<T: Send + 'static, R: Send + 'static> Combiner<T, R> {
 
     fn submit(&self, writer: &Writer, load: Arc<GrowingLoad>) {
         // The waiters the request took, for `done` (empty if the writer never ran it).
-        let taken: Arc<Mutex<Vec<(usize, Reply<R>)>>> = Arc::default();
+        let taken: Arc<Mutex<Waiters<R>>> = Arc::default();
         let pending = Arc::clone(&self.pending);
         let operation = Arc::clone(&self.operation);
         let taken_by_work = Arc::clone(&taken);
@@ -155,7 +157,7 @@ impl<T: Send + 'static, R: Send + 'static> Combiner<T, R> {
 }
 
 /// Hands each waiter its slice of the results, or the error.
-fn answer<R>(waiters: Vec<(usize, Reply<R>)>, outcome: Result<Vec<R>, StoreError>) {
+fn answer<R>(waiters: Waiters<R>, outcome: Result<Vec<R>, StoreError>) {
     match outcome {
         Ok(results) => {
             let mut results = results.into_iter();

@@ -2,9 +2,12 @@
 //!
 //! A record is stored once, under `(channel, seq)`, framed with a checksum. Sequence numbers
 //! start at 1 and only grow. Each channel keeps a **fresh cursor**: records at or after it were
-//! never leased, so a lease reads them by a range starting there. A leased or nacked record gets
-//! an in-flight entry and an entry in the visibility index keyed by the time it becomes visible
-//! again; a lease takes the index's visible entries first (redeliveries), then fresh records. No
+//! never leased, so a lease reads them by a range starting there. A lease of fresh records
+//! writes one **lease range** (`first..end` with the time it becomes visible again), not an entry
+//! per record, so an ack only deletes the record. A record delivered again, or nacked, gets an
+//! in-flight entry of its own (with its delivery count) and an entry in the visibility index
+//! keyed by the time it becomes visible again; the range skips it from then on. A lease takes
+//! what became visible again first (from both, in visibility order), then fresh records. No
 //! operation, and no open, scans the whole queue.
 
 use std::collections::HashMap;
