@@ -175,14 +175,15 @@ pub(crate) struct GrowingLoad {
 
 impl GrowingLoad {
     pub(crate) fn add(&self, records: usize) {
-        self.callers.fetch_add(1, Ordering::Relaxed);
-        self.records.fetch_add(records, Ordering::Relaxed);
+        // SeqCst, like the writer's `waiting` flag: see `Writer::grown`.
+        self.callers.fetch_add(1, Ordering::SeqCst);
+        self.records.fetch_add(records, Ordering::SeqCst);
     }
 
     fn read(&self) -> (usize, usize) {
         (
-            self.callers.load(Ordering::Relaxed),
-            self.records.load(Ordering::Relaxed),
+            self.callers.load(Ordering::SeqCst),
+            self.records.load(Ordering::SeqCst),
         )
     }
 }
@@ -210,6 +211,8 @@ pub(crate) struct Writer {
     sender: Option<Sender<Message>>,
     thread: Option<JoinHandle<()>>,
     commits: Arc<AtomicU64>,
+    /// Whether the writer waits for more callers to join the batch it collects.
+    waiting: Arc<AtomicBool>,
     /// Requests submitted, for tests.
     #[cfg(test)]
     requests: AtomicU64,
@@ -222,16 +225,25 @@ impl Writer {
         let (sender, receiver) = mpsc::channel();
         let commits = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&commits);
+        let waiting = Arc::new(AtomicBool::new(false));
+        let waiting_flag = Arc::clone(&waiting);
         let health = Health::new(storage);
         let reserve_released = Arc::clone(&health.released_flag);
         let thread = std::thread::Builder::new()
             .name("sluice-store-writer".into())
-            .spawn(move || writer_loop(health, &receiver, config, &counter))
+            .spawn(move || {
+                let inbox = Inbox {
+                    receiver,
+                    waiting: waiting_flag,
+                };
+                writer_loop(health, &inbox, config, &counter);
+            })
             .map_err(StoreError::Thread)?;
         Ok(Self {
             sender: Some(sender),
             thread: Some(thread),
             commits,
+            waiting,
             #[cfg(test)]
             requests: AtomicU64::new(0),
             reserve_released,
@@ -323,9 +335,14 @@ impl Writer {
     }
 
     /// Tells the writer that a combined request it may be holding grew, so a batch waiting for
-    /// more callers can close as soon as they are in.
+    /// more callers can close as soon as they are in. Only while the writer waits: a message
+    /// per caller would wake it for every one. The writer raises `waiting` before it reads the
+    /// batch's load and the caller grows the load before it reads `waiting` (both SeqCst), so
+    /// either the writer sees the caller or the caller sees the writer waiting.
     pub(crate) fn grown(&self) {
-        if let Some(sender) = &self.sender {
+        if self.waiting.load(Ordering::SeqCst)
+            && let Some(sender) = &self.sender
+        {
             let _ = sender.send(Message::Grown);
         }
     }
@@ -486,12 +503,15 @@ impl Health {
     }
 }
 
-fn writer_loop(
-    mut health: Health,
-    receiver: &Receiver<Message>,
-    config: GroupCommit,
-    commits: &AtomicU64,
-) {
+/// What the writer thread reads requests from.
+struct Inbox {
+    receiver: Receiver<Message>,
+    /// Raised while the writer waits for callers to join its batch (see [`Writer::grown`]).
+    waiting: Arc<AtomicBool>,
+}
+
+fn writer_loop(mut health: Health, inbox: &Inbox, config: GroupCommit, commits: &AtomicU64) {
+    let receiver = &inbox.receiver;
     // Waiting pays only while more requests can still come. Producers blocked on the previous
     // commit come back together, so once the batch has as many callers as the previous one,
     // waiting longer mostly delays everyone (PostgreSQL's `commit_siblings` idea, adapted): a
@@ -514,7 +534,7 @@ fn writer_loop(
         let Some(Message::Job(first)) = first else {
             continue;
         };
-        let (batch, callers) = collect_batch(first, receiver, config, expected);
+        let (batch, callers) = collect_batch(first, inbox, config, expected);
         expected = callers;
         health.commit(batch, commits);
     }
@@ -558,10 +578,11 @@ impl BatchLoad {
 /// `max_wait` from the first request for more. Returns the batch and how many callers it held.
 fn collect_batch(
     first: Job,
-    receiver: &Receiver<Message>,
+    inbox: &Inbox,
     config: GroupCommit,
     expected: usize,
 ) -> (Vec<Job>, usize) {
+    let receiver = &inbox.receiver;
     let deadline = Instant::now() + config.max_wait;
     let mut load = BatchLoad::default();
     load.add(&first.load);
@@ -575,16 +596,21 @@ fn collect_batch(
             Ok(message) => message,
             Err(TryRecvError::Disconnected) => return (batch, callers),
             Err(TryRecvError::Empty) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if callers >= expected || left.is_zero() {
+                    return (batch, callers);
+                }
+                // Raised before the load is read again: a caller joining after that read sees
+                // it and sends word.
+                inbox.waiting.store(true, Ordering::SeqCst);
+                let (callers, _) = load.read();
                 if callers >= expected {
+                    inbox.waiting.store(false, Ordering::SeqCst);
                     return (batch, callers);
                 }
-                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                    return (batch, callers);
-                };
-                if left.is_zero() {
-                    return (batch, callers);
-                }
-                match receiver.recv_timeout(left) {
+                let received = receiver.recv_timeout(left);
+                inbox.waiting.store(false, Ordering::SeqCst);
+                match received {
                     Ok(message) => message,
                     Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                         return (batch, load.read().0);
