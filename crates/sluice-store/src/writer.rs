@@ -31,8 +31,9 @@ use crate::reserve::Reserve;
 pub struct GroupCommit {
     /// How long the writer waits for more requests after the first one of a batch. Zero commits
     /// whatever is queued at once: lowest latency, fewer requests per fsync. The wait ends early
-    /// once the batch holds as many requests as the previous commit did (so a lone producer
-    /// never waits, and N steady producers commit as soon as all N are in).
+    /// once the batch holds as many callers as the previous commit did (so a lone producer
+    /// never waits, and N steady producers commit as soon as all N are in; callers whose
+    /// appends or acks were combined into one request count one each).
     pub max_wait: Duration,
     /// Stop collecting once the batch holds this many records (an append of n records counts n,
     /// other requests 1).
