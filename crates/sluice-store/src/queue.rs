@@ -401,7 +401,7 @@ fn leased_once(txn: &WriteTransaction, channel: &str, seq: u64) -> Result<bool, 
 }
 
 /// Makes every lease of every channel visible at once: run at open, because the consumers that
-/// held them are gone. Reads only the in-flight entries, never the records.
+/// held them are gone. Reads only the in-flight entries and lease ranges, never the records.
 pub(crate) fn release_leases(txn: &WriteTransaction) -> Result<usize, StoreError> {
     let mut in_flight = txn.open_table(IN_FLIGHT)?;
     let mut visible_at = txn.open_table(VISIBLE_AT)?;

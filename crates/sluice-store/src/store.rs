@@ -55,8 +55,8 @@ impl Default for StoreOptions {
 /// What opening the store did. The counts make "open does not scan the queue" checkable.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenReport {
-    /// Entries read to recover: in-flight queue entries and idempotency claims only, never
-    /// records or confirmed keys.
+    /// Entries read to recover: in-flight queue entries, lease ranges and idempotency claims
+    /// only, never records or confirmed keys.
     pub entries_read: usize,
 }
 
