@@ -238,24 +238,24 @@ fn lease(
                     .map_or(0, |state| state.value().1)
             }
         };
-        let Some(frame) = records
+        let Some(read) = records
             .get((channel, seq))?
-            .map(|frame| frame.value().to_vec())
+            .map(|frame| read_frame(frame.value()))
         else {
             continue;
         };
-        match codec::decode(&frame) {
+        match read {
             Ok(payload) => {
                 let deliveries = deliveries.saturating_add(1);
                 in_flight.insert((channel, seq), (until, deliveries, LEASED))?;
                 visible_at.insert((channel, until, seq), ())?;
                 out.push(Delivery {
                     id: seq,
-                    payload: Bytes::copy_from_slice(payload),
+                    payload,
                     deliveries,
                 });
             }
-            Err(error) => {
+            Err((frame, error)) => {
                 records.remove((channel, seq))?;
                 quarantined.push(Quarantined::new(
                     channel, seq, frame, &error, deliveries, now,
@@ -283,24 +283,24 @@ fn lease(
     let first_fresh = cursor;
     while out.len() < max && cursor < next {
         let wanted = max - out.len();
-        let fresh: Vec<(u64, Vec<u8>)> = records
+        let fresh: Vec<(u64, ReadFrame)> = records
             .range((channel, cursor)..(channel, next))?
             .take(wanted)
-            .map(|entry| entry.map(|(key, frame)| (key.value().1, frame.value().to_vec())))
+            .map(|entry| entry.map(|(key, frame)| (key.value().1, read_frame(frame.value()))))
             .collect::<Result<_, _>>()?;
         let Some(&(last, _)) = fresh.last() else {
             cursor = next;
             break;
         };
         cursor = last + 1;
-        for (seq, frame) in fresh {
-            match codec::decode(&frame) {
+        for (seq, read) in fresh {
+            match read {
                 Ok(payload) => out.push(Delivery {
                     id: seq,
-                    payload: Bytes::copy_from_slice(payload),
+                    payload,
                     deliveries: 1,
                 }),
-                Err(error) => {
+                Err((frame, error)) => {
                     records.remove((channel, seq))?;
                     quarantined.push(Quarantined::new(channel, seq, frame, &error, 0, now));
                 }
@@ -314,6 +314,16 @@ fn lease(
     drop((records, in_flight, visible_at, ranges, channels));
     dead_letter::quarantine_all(txn, quarantined)?;
     Ok(out)
+}
+
+/// A stored frame's payload, copied once out of the page; or the frame as found and why it is
+/// corrupt.
+type ReadFrame = Result<Bytes, (Vec<u8>, codec::DecodeError)>;
+
+fn read_frame(frame: &[u8]) -> ReadFrame {
+    codec::decode(frame)
+        .map(Bytes::copy_from_slice)
+        .map_err(|error| (frame.to_vec(), error))
 }
 
 /// The records of lease ranges visible again by `now` that have no in-flight entry of their
