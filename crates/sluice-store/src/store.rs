@@ -187,16 +187,9 @@ impl Store {
         self.inner.writer.requests()
     }
 
-    /// Test hook: keeps the writer busy (inside a request) until the guard is dropped.
+    /// Test hook: keeps the writer busy (inside a request) until the returned sender is dropped.
     #[cfg(test)]
-    pub(crate) fn hold_writer(&self) -> impl Drop {
-        struct Hold(
-            #[allow(dead_code, reason = "dropping it releases the writer")]
-            std::sync::mpsc::Sender<()>,
-        );
-        impl Drop for Hold {
-            fn drop(&mut self) {}
-        }
+    pub(crate) fn hold_writer(&self) -> std::sync::mpsc::Sender<()> {
         let (release, held) = std::sync::mpsc::channel::<()>();
         self.inner.writer.submit(
             crate::writer::Room::Drains,
@@ -205,13 +198,13 @@ impl Store {
                 records: 1,
             },
             move |_| {
-                // Returns once the guard (the sender) is dropped.
+                // Returns once the sender is dropped.
                 let _ = held.recv();
                 Ok(())
             },
             |_: Result<(), StoreError>| {},
         );
-        Hold(release)
+        release
     }
 
     /// Whether the disk reserve is in use: the disk filled up, so requests that store new
